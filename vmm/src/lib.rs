@@ -1,0 +1,61 @@
+//! Builds a VM from a [`VmConfig`] and runs it until the guest stops.
+//!
+//! Threads: the caller's thread builds the VM and then waits for the first exit event;
+//! one thread per vCPU runs the guest and dispatches its I/O to the buses; when the serial
+//! console is on a terminal, one thread forwards keyboard input to the UART.
+
+mod emulation;
+mod memory;
+mod vcpu;
+mod vm;
+
+pub use memory::host_memory_bytes;
+pub use vm::{ExitReason, Vm};
+
+use api::VmConfig;
+use hypervisor::Selection;
+
+/// Errors while building or running a VM. Each says what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] api::ValidationError),
+    #[error(transparent)]
+    Hypervisor(#[from] hypervisor::Error),
+    #[error("{0}")]
+    Limit(String),
+    #[error("allocating {size} bytes of guest memory: {source}")]
+    Memory {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("mapping guest memory into the VM: {0}")]
+    MapMemory(#[source] hypervisor::Error),
+    #[error("{0}")]
+    Boot(#[from] boot::loader::Error),
+    #[error("{0}")]
+    VcpuSetup(#[from] boot::Error),
+    #[error("serial output {path}: {source}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("placing a device on the bus: {0}")]
+    Bus(#[from] devices::BusError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Builds the VM described by `config` and runs it to completion.
+pub fn run(config: &VmConfig, hypervisor: Selection) -> Result<ExitReason> {
+    let vm = Vm::new(config, hypervisor)?;
+    vm.run()
+}

@@ -1,0 +1,314 @@
+//! `VmConfig` and its parts, in Cloud Hypervisor's JSON schema.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::options::{parse_count, parse_size, OptionError, OptionMap};
+
+/// The pod default: 1 vCPU.
+pub const DEFAULT_VCPUS: u32 = 1;
+/// The pod default: 2 GiB of memory.
+pub const DEFAULT_MEMORY_SIZE: u64 = 2 << 30;
+/// Command line used when none is given: console on the serial port, and `reboot=k` so a
+/// guest reboot goes through the i8042 reset the VMM turns into a clean exit.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadConfig {
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpusConfig {
+    pub boot_vcpus: u32,
+    pub max_vcpus: u32,
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        CpusConfig {
+            boot_vcpus: DEFAULT_VCPUS,
+            max_vcpus: DEFAULT_VCPUS,
+        }
+    }
+}
+
+impl CpusConfig {
+    /// `boot=N[,max=N]`. CPU hotplug is not supported, so `max` must equal `boot`.
+    pub fn parse(s: &str) -> Result<Self, OptionError> {
+        let m = OptionMap::parse(s, &["boot", "max"])?;
+        let boot = m
+            .parse_with("boot", parse_count)?
+            .ok_or_else(|| OptionError::Missing("boot".into()))?;
+        let max = m.parse_with("max", parse_count)?.unwrap_or(boot);
+        if max != boot {
+            return Err(OptionError::InvalidValue {
+                key: "max".into(),
+                value: max.to_string(),
+                reason: "vCPU hotplug is not supported; max must equal boot".into(),
+            });
+        }
+        Ok(CpusConfig {
+            boot_vcpus: boot,
+            max_vcpus: max,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Guest RAM in bytes.
+    pub size: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            size: DEFAULT_MEMORY_SIZE,
+        }
+    }
+}
+
+impl MemoryConfig {
+    /// `size=SIZE` with a K/M/G/T suffix, e.g. `size=512M`.
+    pub fn parse(s: &str) -> Result<Self, OptionError> {
+        let m = OptionMap::parse(s, &["size"])?;
+        let size = m
+            .parse_with("size", |v| {
+                parse_size(v).and_then(|n| match n {
+                    0 => Err("memory size must be greater than zero".into()),
+                    n => Ok(n),
+                })
+            })?
+            .ok_or_else(|| OptionError::Missing("size".into()))?;
+        Ok(MemoryConfig { size })
+    }
+}
+
+/// Where a console's output goes (Cloud Hypervisor's `ConsoleOutputMode`, the modes we serve).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleOutputMode {
+    Off,
+    Tty,
+    File,
+    Null,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    pub mode: ConsoleOutputMode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+}
+
+impl ConsoleConfig {
+    pub fn off() -> Self {
+        ConsoleConfig {
+            mode: ConsoleOutputMode::Off,
+            file: None,
+        }
+    }
+
+    pub fn tty() -> Self {
+        ConsoleConfig {
+            mode: ConsoleOutputMode::Tty,
+            file: None,
+        }
+    }
+
+    /// `off`, `null`, `tty` or `file=PATH`.
+    pub fn parse(s: &str) -> Result<Self, OptionError> {
+        let mode = |mode| ConsoleConfig { mode, file: None };
+        match s {
+            "off" => Ok(mode(ConsoleOutputMode::Off)),
+            "null" => Ok(mode(ConsoleOutputMode::Null)),
+            "tty" => Ok(mode(ConsoleOutputMode::Tty)),
+            _ => {
+                let m = OptionMap::parse(s, &["file"])?;
+                let file = m.get("file").filter(|f| !f.is_empty()).ok_or_else(|| {
+                    OptionError::InvalidValue {
+                        key: "mode".into(),
+                        value: s.into(),
+                        reason: "expected off, null, tty or file=PATH".into(),
+                    }
+                })?;
+                Ok(ConsoleConfig {
+                    mode: ConsoleOutputMode::File,
+                    file: Some(PathBuf::from(file)),
+                })
+            }
+        }
+    }
+}
+
+fn default_serial() -> ConsoleConfig {
+    ConsoleConfig::tty()
+}
+
+fn default_console() -> ConsoleConfig {
+    ConsoleConfig::off()
+}
+
+/// A whole VM description. Built by the CLI or received as JSON by the API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub payload: PayloadConfig,
+    #[serde(default)]
+    pub cpus: CpusConfig,
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    #[serde(default = "default_serial")]
+    pub serial: ConsoleConfig,
+    /// The virtio console. Not provided by podvmm; only `Off` and `Null` are accepted.
+    #[serde(default = "default_console")]
+    pub console: ConsoleConfig,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidationError {
+    #[error("no kernel given (payload.kernel / --kernel)")]
+    NoKernel,
+    #[error("boot_vcpus must be at least 1")]
+    NoVcpus,
+    #[error("max_vcpus ({max}) must equal boot_vcpus ({boot}): vCPU hotplug is not supported")]
+    Hotplug { boot: u32, max: u32 },
+    #[error("memory size must be greater than zero")]
+    NoMemory,
+    #[error("console mode {0:?} is not supported (podvmm has no virtio-console; use off)")]
+    Console(ConsoleOutputMode),
+    #[error("serial mode File needs a file path")]
+    SerialFile,
+}
+
+impl VmConfig {
+    /// Checks what can be checked without the host: limits that need the hypervisor and the
+    /// host's memory are checked when the VM is built.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.payload.kernel.is_none() {
+            return Err(ValidationError::NoKernel);
+        }
+        if self.cpus.boot_vcpus == 0 {
+            return Err(ValidationError::NoVcpus);
+        }
+        if self.cpus.max_vcpus != self.cpus.boot_vcpus {
+            return Err(ValidationError::Hotplug {
+                boot: self.cpus.boot_vcpus,
+                max: self.cpus.max_vcpus,
+            });
+        }
+        if self.memory.size == 0 {
+            return Err(ValidationError::NoMemory);
+        }
+        if !matches!(
+            self.console.mode,
+            ConsoleOutputMode::Off | ConsoleOutputMode::Null
+        ) {
+            return Err(ValidationError::Console(self.console.mode));
+        }
+        if self.serial.mode == ConsoleOutputMode::File && self.serial.file.is_none() {
+            return Err(ValidationError::SerialFile);
+        }
+        Ok(())
+    }
+
+    /// The command line the guest gets.
+    pub fn cmdline(&self) -> &str {
+        self.payload.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpus_option() {
+        assert_eq!(
+            CpusConfig::parse("boot=2").unwrap(),
+            CpusConfig {
+                boot_vcpus: 2,
+                max_vcpus: 2
+            }
+        );
+        assert!(CpusConfig::parse("boot=2,max=4").is_err());
+        assert!(CpusConfig::parse("boot=0").is_err());
+        assert_eq!(
+            CpusConfig::parse("max=2").unwrap_err(),
+            OptionError::Missing("boot".into())
+        );
+    }
+
+    #[test]
+    fn memory_option() {
+        assert_eq!(MemoryConfig::parse("size=512M").unwrap().size, 512 << 20);
+        for bad in ["size=banana", "size=0", "size=", "shared=on", "512M"] {
+            assert!(MemoryConfig::parse(bad).is_err(), "{bad}");
+        }
+        let err = MemoryConfig::parse("size=banana").unwrap_err().to_string();
+        assert!(err.contains("banana"), "{err}");
+    }
+
+    #[test]
+    fn serial_option() {
+        assert_eq!(
+            ConsoleConfig::parse("off").unwrap().mode,
+            ConsoleOutputMode::Off
+        );
+        assert_eq!(
+            ConsoleConfig::parse("tty").unwrap().mode,
+            ConsoleOutputMode::Tty
+        );
+        let f = ConsoleConfig::parse("file=/tmp/x").unwrap();
+        assert_eq!(f.file.unwrap(), PathBuf::from("/tmp/x"));
+        assert!(ConsoleConfig::parse("pty").is_err());
+        assert!(ConsoleConfig::parse("file=").is_err());
+    }
+
+    #[test]
+    fn json_uses_cloud_hypervisor_names_and_defaults() {
+        let cfg: VmConfig = serde_json::from_str(
+            r#"{"payload":{"kernel":"/k","cmdline":"console=ttyS0"},
+                "cpus":{"boot_vcpus":2,"max_vcpus":2},"memory":{"size":1073741824},
+                "serial":{"mode":"Tty"},"console":{"mode":"Off"}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.cpus.boot_vcpus, 2);
+        assert_eq!(cfg.memory.size, 1 << 30);
+        cfg.validate().unwrap();
+        let minimal: VmConfig = serde_json::from_str(r#"{"payload":{"kernel":"/k"}}"#).unwrap();
+        assert_eq!(minimal.cpus.boot_vcpus, DEFAULT_VCPUS);
+        assert_eq!(minimal.memory.size, DEFAULT_MEMORY_SIZE);
+        assert_eq!(minimal.cmdline(), DEFAULT_CMDLINE);
+    }
+
+    #[test]
+    fn unknown_json_fields_are_rejected() {
+        let err = serde_json::from_str::<VmConfig>(r#"{"payload":{"kernel":"/k"},"gpu":{}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gpu"), "{err}");
+    }
+
+    #[test]
+    fn validation() {
+        let mut cfg: VmConfig = serde_json::from_str(r#"{"payload":{}}"#).unwrap();
+        assert_eq!(cfg.validate(), Err(ValidationError::NoKernel));
+        cfg.payload.kernel = Some("/k".into());
+        cfg.console = ConsoleConfig::tty();
+        assert!(matches!(cfg.validate(), Err(ValidationError::Console(_))));
+        cfg.console = ConsoleConfig::off();
+        cfg.cpus.max_vcpus = 4;
+        assert!(matches!(cfg.validate(), Err(ValidationError::Hotplug { .. })));
+    }
+}

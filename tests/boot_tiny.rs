@@ -1,0 +1,171 @@
+//! Boots tiny hand-made guests on the real hypervisor and checks what they did.
+
+mod common;
+
+use common::*;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn pvh_guest_reads_start_info_and_command_line() {
+    let dir = TempDir::new("pvh");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code()));
+    let out = run_podvmm(
+        &["--kernel", path_str(&kernel), "--cmdline", "hello pvh", "--memory", "size=128M"],
+        30,
+    );
+    assert_eq!(stdout(&out), "PVH hello pvh\n", "stderr: {}", stderr(&out));
+    assert!(out.status.success(), "reset must exit 0: {:?}", out.status);
+}
+
+#[test]
+fn bzimage_guest_gets_zero_page_with_e820_and_command_line() {
+    let dir = TempDir::new("bz");
+    let kernel = dir.write("bzImage", &bzimage(&linux64_guest_code()));
+    // Below the MMIO gap: RAM, reserved boot-table area, RAM from 1 MiB.
+    let out = run_podvmm(&["--kernel", path_str(&kernel), "--cmdline", "x=1 y"], 30);
+    assert_eq!(stdout(&out), "LINUX64 e820=3 x=1 y\n", "stderr: {}", stderr(&out));
+    assert!(out.status.success());
+    // Above 3 GiB a fourth entry maps the RAM above 4 GiB.
+    let out = run_podvmm(
+        &["--kernel", path_str(&kernel), "--cmdline", "big", "--memory", "size=5G"],
+        30,
+    );
+    assert_eq!(stdout(&out), "LINUX64 e820=4 big\n", "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn default_command_line_and_two_vcpus() {
+    let dir = TempDir::new("smp");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code()));
+    let out = run_podvmm(&["--kernel", path_str(&kernel), "--cpus", "boot=2"], 30);
+    assert_eq!(stdout(&out), "PVH console=ttyS0 reboot=k\n", "{}", stderr(&out));
+    assert!(out.status.success());
+}
+
+#[test]
+fn serial_to_file_and_off() {
+    let dir = TempDir::new("serial");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code()));
+    let log = dir.path("console.log");
+    let file_arg = format!("file={}", path_str(&log));
+    let out = run_podvmm(
+        &["--kernel", path_str(&kernel), "--cmdline", "to-file", "--serial", &file_arg],
+        30,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "PVH to-file\n");
+
+    let out = run_podvmm(&["--kernel", path_str(&kernel), "--serial", "off"], 30);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+}
+
+#[test]
+fn initramfs_is_loaded_for_both_protocols() {
+    // The guests do not read it, but the VMM must place it and accept it.
+    let dir = TempDir::new("initrd");
+    let initrd = dir.write("initrd", &[0x5a; 3 * 4096 + 17]);
+    for (name, image) in [
+        ("tiny.elf", pvh_elf(&pvh_guest_code())),
+        ("bzImage", bzimage(&linux64_guest_code())),
+    ] {
+        let kernel = dir.write(name, &image);
+        let out = run_podvmm(
+            &["--kernel", path_str(&kernel), "--initramfs", path_str(&initrd), "--cmdline", "i"],
+            30,
+        );
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        assert!(stdout(&out).ends_with(" i\n"), "{name}: {}", stdout(&out));
+    }
+}
+
+/// Runs podvmm expecting failure; returns its one-line error.
+fn expect_error(args: &[&str]) -> String {
+    let out = run_podvmm(args, 30);
+    assert!(!out.status.success(), "{args:?} must fail");
+    assert_eq!(out.status.code(), Some(1), "{args:?}: a clean error exit, not a crash or a timeout");
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+    err
+}
+
+/// Runs podvmm expecting clap to refuse an option (exit 2, a usage hint).
+fn expect_usage_error(args: &[&str]) -> String {
+    let out = run_podvmm(args, 30);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+    stderr(&out)
+}
+
+#[test]
+fn bad_kernels_are_refused_cleanly() {
+    let dir = TempDir::new("badk");
+    let missing = dir.path("missing");
+    assert!(expect_error(&["--kernel", path_str(&missing)]).contains("No such file"));
+    assert!(expect_error(&["--kernel", path_str(&dir.0)]).contains("directory"));
+    let text = dir.write("text", b"this is not a kernel\n");
+    assert!(expect_error(&["--kernel", path_str(&text)]).contains("neither an ELF"));
+    let empty = dir.write("empty", b"");
+    assert!(expect_error(&["--kernel", path_str(&empty)]).contains("neither an ELF"));
+    // An ELF header cut short.
+    let elf = pvh_elf(&pvh_guest_code());
+    let cut = dir.write("cut.elf", &elf[..40]);
+    assert!(expect_error(&["--kernel", path_str(&cut)]).contains("cannot load kernel"));
+    // A bzImage header that is not loadable (protocol too old).
+    let mut bz = bzimage(&linux64_guest_code());
+    bz[0x206] = 0;
+    bz[0x207] = 1;
+    let old = dir.write("old.bz", &bz);
+    assert!(expect_error(&["--kernel", path_str(&old)]).contains("cannot load kernel"));
+}
+
+#[test]
+fn bad_initramfs_and_command_lines_are_refused() {
+    let dir = TempDir::new("badi");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code()));
+    let k = path_str(&kernel);
+    let missing = dir.path("none.cpio");
+    assert!(expect_error(&["--kernel", k, "--initramfs", path_str(&missing)]).contains("initramfs"));
+    let empty = dir.write("empty.cpio", b"");
+    assert!(expect_error(&["--kernel", k, "--initramfs", path_str(&empty)]).contains("empty"));
+    // Bigger than the guest's memory.
+    let big = dir.path("big.cpio");
+    std::fs::File::create(&big).unwrap().set_len(40 << 20).unwrap();
+    let err = expect_error(&["--kernel", k, "--memory", "size=32M", "--initramfs", path_str(&big)]);
+    assert!(err.contains("does not fit"), "{err}");
+    let long = "x".repeat(5000);
+    assert!(expect_error(&["--kernel", k, "--cmdline", &long]).contains("at most 2047"));
+}
+
+#[test]
+fn bad_sizes_and_counts_are_refused() {
+    let dir = TempDir::new("bads");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code()));
+    let k = path_str(&kernel);
+    assert!(expect_usage_error(&["--kernel", k, "--memory", "size=banana"]).contains("banana"));
+    assert!(expect_usage_error(&["--kernel", k, "--memory", "size=0"]).contains("greater than zero"));
+    assert!(expect_usage_error(&["--kernel", k, "--cpus", "boot=0"]).contains("at least 1"));
+    assert!(expect_usage_error(&["--kernel", k, "--cpus", "boot=2,max=4"]).contains("hotplug"));
+    assert!(expect_usage_error(&["--kernel", k, "--serial", "pty"]).contains("serial"));
+    assert!(expect_usage_error(&["--kernel", k, "--hypervisor", "xen"]).contains("xen"));
+    assert!(expect_error(&["--kernel", k, "--memory", "size=1T"]).contains("more than the host has"));
+    assert!(expect_error(&["--kernel", k, "--memory", "size=1M"]).contains("minimum"));
+    assert!(expect_error(&["--kernel", k, "--cpus", "boot=1000"]).contains("at most"));
+    assert!(expect_error(&["--kernel", k, "--console", "tty"]).contains("virtio-console"));
+}
+
+#[test]
+fn unavailable_hypervisors_are_reported() {
+    let dir = TempDir::new("hv");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code()));
+    let err = expect_error(&["--kernel", path_str(&kernel), "--hypervisor", "mshv"]);
+    assert!(err.contains("mshv"), "{err}");
+}

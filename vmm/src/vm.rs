@@ -1,0 +1,257 @@
+//! One VM: its memory, devices, vCPUs, and the wait for the guest to stop.
+
+use std::io::Read;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use api::{ConsoleOutputMode, VmConfig};
+use boot::{BootInfo, KernelSpec};
+use devices::{i8042, serial, Bus, I8042, Serial, SerialOutput};
+use hypervisor::{Hypervisor, Selection, Vcpu, VmOps};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{memory, vcpu, Error, Result};
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset the machine (i8042 reset, triple fault, reset request).
+    Reset,
+    /// The guest powered off.
+    Shutdown,
+    /// The guest did something the VMM cannot continue from.
+    GuestError(String),
+}
+
+/// Where vCPU threads and devices report that the VM must stop. The first reason wins.
+pub(crate) struct ExitState {
+    evt: EventFd,
+    reason: Mutex<Option<ExitReason>>,
+}
+
+impl ExitState {
+    fn new() -> Result<Self> {
+        Ok(ExitState {
+            evt: EventFd::new(0).map_err(|source| Error::Io {
+                what: "creating the exit event",
+                source,
+            })?,
+            reason: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn signal(&self, reason: ExitReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        r.get_or_insert(reason);
+        // Only fails if the counter would overflow, i.e. a stop is already pending.
+        let _ = self.evt.write(1);
+    }
+
+    /// Blocks until something asks the VM to stop. A bare wake-up comes from the i8042.
+    fn wait(&self) -> ExitReason {
+        loop {
+            match self.evt.read() {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return ExitReason::GuestError(format!("waiting for the VM: {e}")),
+            }
+        }
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or(ExitReason::Reset)
+    }
+}
+
+/// Dispatches vCPU I/O exits to the buses.
+pub(crate) struct IoHandler {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+impl VmOps for IoHandler {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        // Nothing at that port: the bus floats high, as on a PC.
+        if !self.pio.read(u64::from(port), data) {
+            data.fill(0xff);
+        }
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.mmio.read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
+}
+
+pub struct Vm {
+    // Kept alive for as long as the VM: the hypervisor VM maps `mem`.
+    _hypervisor: Arc<dyn Hypervisor>,
+    _vm: Arc<dyn hypervisor::Vm>,
+    mem: Arc<GuestMemoryMmap>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    io: Arc<IoHandler>,
+    exit: Arc<ExitState>,
+    serial: Arc<Mutex<Serial>>,
+    forward_stdin: bool,
+    boot: BootInfo,
+}
+
+impl Vm {
+    /// Builds the VM: checks limits, maps memory, creates devices, loads the kernel and puts
+    /// every vCPU in its boot state. Nothing runs yet.
+    pub fn new(config: &VmConfig, selection: Selection) -> Result<Self> {
+        config.validate()?;
+        let kernel = config
+            .payload
+            .kernel
+            .as_deref()
+            .ok_or(api::ValidationError::NoKernel)?;
+        let hv = hypervisor::new(selection)?;
+        let num_cpus = config.cpus.boot_vcpus;
+        let max = hv.max_vcpus().min(boot::mptable::MAX_CPUS);
+        if num_cpus > max {
+            return Err(Error::Limit(format!(
+                "{num_cpus} vCPUs requested; this host's {} allows at most {max}",
+                hv.kind()
+            )));
+        }
+        let mem = memory::create(config.memory.size)?;
+        let vm = hv.create_vm()?;
+        memory::map_into(vm.as_ref(), &mem)?;
+
+        let exit = Arc::new(ExitState::new()?);
+        let event = |what| {
+            EventFd::new(0).map_err(|source| Error::Io { what, source })
+        };
+        let output = match config.serial.mode {
+            ConsoleOutputMode::Tty => SerialOutput::Stdout,
+            ConsoleOutputMode::File => {
+                let path = config.serial.file.as_deref().unwrap_or(std::path::Path::new(""));
+                SerialOutput::file(path).map_err(|source| Error::SerialFile {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            ConsoleOutputMode::Off | ConsoleOutputMode::Null => SerialOutput::Sink,
+        };
+        let serial_irq = event("creating the serial interrupt event")?;
+        vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, output)));
+        let reset_evt = exit.evt.try_clone().map_err(|source| Error::Io {
+            what: "cloning the exit event",
+            source,
+        })?;
+        let pio = Bus::new();
+        pio.insert(serial.clone(), serial::COM1_BASE, serial::COM1_LEN)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(reset_evt))),
+            i8042::I8042_BASE,
+            i8042::I8042_LEN,
+        )?;
+        let io = Arc::new(IoHandler {
+            pio,
+            mmio: Bus::new(),
+        });
+
+        let boot = boot::load_kernel(
+            &mem,
+            &KernelSpec {
+                kernel,
+                initramfs: config.payload.initramfs.as_deref(),
+                cmdline: config.cmdline(),
+                num_cpus,
+                mem_size: config.memory.size,
+            },
+        )?;
+        let host_cpuid = hv.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(num_cpus as usize);
+        for id in 0..num_cpus {
+            let vcpu = vm.create_vcpu(id)?;
+            boot::setup_vcpu(vcpu.as_ref(), num_cpus, &host_cpuid, &boot)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            _hypervisor: hv,
+            _vm: vm,
+            mem,
+            vcpus,
+            io,
+            exit,
+            serial,
+            forward_stdin: config.serial.mode == ConsoleOutputMode::Tty && stdin_is_tty(),
+            boot,
+        })
+    }
+
+    /// How the boot vCPU enters the kernel.
+    pub fn boot_info(&self) -> BootInfo {
+        self.boot
+    }
+
+    /// Starts the vCPUs and waits until the guest stops. vCPU threads still in the guest when
+    /// this returns end with the process.
+    pub fn run(mut self) -> Result<ExitReason> {
+        for vcpu in self.vcpus.drain(..) {
+            let ctx = vcpu::VcpuContext {
+                io: self.io.clone(),
+                mem: self.mem.clone(),
+                exit: self.exit.clone(),
+            };
+            thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id()))
+                .spawn(move || vcpu::run(vcpu, ctx))
+                .map_err(|source| Error::Io {
+                    what: "spawning a vCPU thread",
+                    source,
+                })?;
+        }
+        if self.forward_stdin {
+            let serial = self.serial.clone();
+            thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || forward_stdin(serial))
+                .map_err(|source| Error::Io {
+                    what: "spawning the console input thread",
+                    source,
+                })?;
+        }
+        Ok(self.exit.wait())
+    }
+}
+
+fn stdin_is_tty() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
+}
+
+/// Feeds terminal input to the UART until stdin closes.
+fn forward_stdin(serial: Arc<Mutex<Serial>>) {
+    let mut stdin = std::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = stdin.read(&mut buf) {
+        if n == 0 {
+            return;
+        }
+        let mut pending = &buf[..n];
+        while !pending.is_empty() {
+            let taken = serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .enqueue_input(pending)
+                .unwrap_or(0);
+            pending = &pending[taken..];
+            if taken == 0 {
+                // The guest has not drained the FIFO yet.
+                thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
