@@ -169,3 +169,41 @@ fn unavailable_hypervisors_are_reported() {
     let err = expect_error(&["--kernel", path_str(&kernel), "--hypervisor", "mshv"]);
     assert!(err.contains("mshv"), "{err}");
 }
+
+/// The guest executes CPUID and reports the bits the VMM filters and sets.
+#[test]
+fn guest_sees_filtered_cpuid() {
+    let mut a = Asm::default();
+    a.bytes(&[0xb8, 1, 0, 0, 0]) // mov eax, 1
+        .bytes(&[0x31, 0xc9]) // xor ecx, ecx
+        .bytes(&[0x0f, 0xa2]) // cpuid (clobbers EDX, so COM1 is loaded after)
+        .bytes(&[0x89, 0xcf]) // mov edi, ecx
+        .bytes(&[0x89, 0xde]) // mov esi, ebx
+        .com1()
+        // xsave (bit 26)
+        .bytes(&[0x0f, 0xba, 0xe7, 26]) // bt edi, 26
+        .jump(0x72, "has_xsave")
+        .print("xsave=0 ")
+        .jump(0xeb, "hv")
+        .label("has_xsave")
+        .print("xsave=1 ")
+        .label("hv")
+        .bytes(&[0x0f, 0xba, 0xe7, 31]) // bt edi, 31 (hypervisor)
+        .jump(0x72, "has_hv")
+        .print("hv=0 ")
+        .jump(0xeb, "apic")
+        .label("has_hv")
+        .print("hv=1 ")
+        .label("apic")
+        .print("count=")
+        .bytes(&[0x89, 0xf0]) // mov eax, esi
+        .bytes(&[0xc1, 0xe8, 16]) // shr eax, 16
+        .bytes(&[0x04, b'0']) // add al, '0'
+        .bytes(&[0xee]) // out dx, al
+        .print("\n")
+        .reset();
+    let dir = TempDir::new("cpuid");
+    let kernel = dir.write("cpuid.elf", &pvh_elf(&a.finish()));
+    let out = run_podvmm(&["--kernel", path_str(&kernel), "--cpus", "boot=3"], 30);
+    assert_eq!(stdout(&out), "xsave=0 hv=1 count=3\n", "{}", stderr(&out));
+}

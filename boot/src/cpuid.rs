@@ -61,6 +61,25 @@ pub const HIDDEN_FEATURES: &[Feature] = &[
     f(0x8000_0001, 0, Reg::Edx, 27, "rdtscp"),
 ];
 
+/// The kernel parameter that hides [`HIDDEN_FEATURES`] from inside the guest, for
+/// hypervisors that do not enforce the CPUID the VMM sets (see `Hypervisor::cpuid_enforced`).
+pub fn clearcpuid_param() -> String {
+    let names: Vec<&str> = HIDDEN_FEATURES.iter().map(|f| f.name).collect();
+    format!("clearcpuid={}", names.join(","))
+}
+
+/// The command line a guest gets: `cmdline`, plus the CPUID workaround where the hypervisor
+/// does not enforce our filtering and the user did not choose their own.
+pub fn guest_cmdline(cmdline: &str, cpuid_enforced: bool) -> String {
+    if cpuid_enforced || cmdline.contains("clearcpuid=") {
+        cmdline.to_string()
+    } else if cmdline.is_empty() {
+        clearcpuid_param()
+    } else {
+        format!("{cmdline} {}", clearcpuid_param())
+    }
+}
+
 /// CPUID.1:ECX bit 31 tells the guest it runs under a hypervisor.
 const HYPERVISOR_BIT: u32 = 1 << 31;
 /// CPUID.1:EDX bit 28: more than one logical processor per package.
@@ -116,7 +135,7 @@ pub fn guest_cpuid(host: &[CpuIdEntry], id: u32, num_cpus: u32) -> Vec<CpuIdEntr
                     0 => {
                         e.eax = 0;
                         e.ebx = 1;
-                        e.ecx = (1 << 8) | 0;
+                        e.ecx = 1 << 8;
                     }
                     1 => {
                         e.eax = core_bits;
@@ -207,6 +226,16 @@ mod tests {
         assert_eq!(find(&t, 0xb, 0).ebx, 1);
         assert!(t.iter().all(|e| e.function != 0x1f));
         assert_eq!(find(&t, 0x8000_0008, 0).ecx & 0xff, 2);
+    }
+
+    #[test]
+    fn command_line_workaround_only_where_needed() {
+        assert_eq!(guest_cmdline("console=ttyS0", true), "console=ttyS0");
+        let c = guest_cmdline("console=ttyS0", false);
+        assert!(c.starts_with("console=ttyS0 clearcpuid=fma,cx16,"), "{c}");
+        assert!(c.contains(",xsave,") && c.ends_with(",rdtscp"), "{c}");
+        assert_eq!(guest_cmdline("clearcpuid=pcid", false), "clearcpuid=pcid");
+        assert_eq!(guest_cmdline("", false), clearcpuid_param());
     }
 
     #[test]

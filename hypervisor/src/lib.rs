@@ -143,6 +143,11 @@ pub trait Hypervisor: Send + Sync {
     fn supported_cpuid(&self) -> Result<Vec<CpuIdEntry>>;
     /// Largest number of vCPUs one VM may have.
     fn max_vcpus(&self) -> u32;
+    /// Whether the guest sees exactly the CPUID the VMM sets. False where the hypervisor
+    /// overrides feature bits, so hiding a feature needs the guest's cooperation.
+    fn cpuid_enforced(&self) -> bool {
+        true
+    }
 }
 
 /// Where an ioeventfd listens.

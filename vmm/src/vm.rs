@@ -161,12 +161,20 @@ impl Vm {
             mmio: Bus::new(),
         });
 
+        let cmdline = boot::cpuid::guest_cmdline(config.cmdline(), hv.cpuid_enforced());
+        if cmdline != config.cmdline() {
+            eprintln!(
+                "podvmm: note: this host's {} does not enforce CPUID filtering; added {} to the guest command line",
+                hv.kind(),
+                boot::cpuid::clearcpuid_param()
+            );
+        }
         let boot = boot::load_kernel(
             &mem,
             &KernelSpec {
                 kernel,
                 initramfs: config.payload.initramfs.as_deref(),
-                cmdline: config.cmdline(),
+                cmdline: &cmdline,
                 num_cpus,
                 mem_size: config.memory.size,
             },

@@ -92,6 +92,17 @@ impl Hypervisor for KvmHypervisor {
     fn max_vcpus(&self) -> u32 {
         self.kvm.get_max_vcpus() as u32
     }
+
+    fn cpuid_enforced(&self) -> bool {
+        !is_pvm()
+    }
+}
+
+/// Whether this KVM is PVM, the software virtualization used where hardware support is
+/// missing (e.g. inside cloud VMs). Under PVM the guest sees some CPUID feature bits (leaf 1
+/// ECX, leaf 7 EBX) whatever KVM_SET_CPUID2 says: measured, see docs/ARCHITECTURE.md.
+pub fn is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
 pub struct KvmVm {

@@ -27,7 +27,7 @@
 //! hypervisor and close to what a child gets; the intersection rule makes any excess
 //! harmless.
 
-use std::arch::x86_64::{CpuidResult, __cpuid_count};
+use std::arch::x86_64::{__cpuid_count, CpuidResult};
 
 use crate::arch::{CpuIdEntry, CPUID_FLAG_SIGNIFICANT_INDEX};
 
@@ -185,7 +185,7 @@ fn entry(function: u32, index: u32, indexed: bool, r: CpuidResult) -> CpuIdEntry
 /// Per-CPU values are neutralized as KVM's supported CPUID does: APIC IDs are 0 and
 /// OSXSAVE is clear; the hypervisor bit is set, as every MSHV guest runs under one.
 pub fn host_cpuid() -> Vec<CpuIdEntry> {
-    host_cpuid_with(|leaf, sub| __cpuid_count(leaf, sub))
+    host_cpuid_with(__cpuid_count)
 }
 
 /// [`host_cpuid`] over any `cpuid` implementation (tests feed a fake one).
@@ -281,7 +281,11 @@ mod tests {
         let hv_ecx = !(1u32 << 5); // everything but VMX
         let seen = o.ecx.apply(hv_ecx);
         assert_eq!(seen & (1 << 26), 0, "hidden feature must stay hidden");
-        assert_eq!(seen & (1 << 5), 0, "a feature the hypervisor lacks must not appear");
+        assert_eq!(
+            seen & (1 << 5),
+            0,
+            "a feature the hypervisor lacks must not appear"
+        );
         assert_ne!(seen & (1 << 20), 0, "other features pass through");
         // OSXSAVE follows the hypervisor even though the VMM cleared it.
         let o = override_for(&e(1, 0, 0, [0, 0, 0, 0])).unwrap();
@@ -289,7 +293,11 @@ mod tests {
         // EBX (APIC ID, logical count) is the VMM's, whatever the hypervisor says.
         let o = override_for(&e(1, 0, 0, [0, 0x0203_0800, 0, 0])).unwrap();
         assert_eq!(o.ebx.apply(0xffff_ffff), 0x0203_0800);
-        assert_eq!(o.eax.apply(0x000a_06a4), 0x000a_06a4, "family/model untouched");
+        assert_eq!(
+            o.eax.apply(0x000a_06a4),
+            0x000a_06a4,
+            "family/model untouched"
+        );
     }
 
     #[test]
@@ -311,15 +319,25 @@ mod tests {
             let o = override_for(&e(function, 1, CPUID_FLAG_SIGNIFICANT_INDEX, regs)).unwrap();
             assert!(o.subleaf_specific);
             assert_eq!(
-                [o.eax.apply(9), o.ebx.apply(9), o.ecx.apply(9), o.edx.apply(9)],
+                [
+                    o.eax.apply(9),
+                    o.ebx.apply(9),
+                    o.ecx.apply(9),
+                    o.edx.apply(9)
+                ],
                 regs
             );
         }
         // Even without the flag, 0xb differs per subleaf.
         assert!(override_for(&e(0xb, 0, 0, regs)).unwrap().subleaf_specific);
         // Leaf 4: only the core count.
-        let o = override_for(&e(4, 0, CPUID_FLAG_SIGNIFICANT_INDEX, [(3 << 26) | 0x121, 0, 0, 0]))
-            .unwrap();
+        let o = override_for(&e(
+            4,
+            0,
+            CPUID_FLAG_SIGNIFICANT_INDEX,
+            [(3 << 26) | 0x121, 0, 0, 0],
+        ))
+        .unwrap();
         assert_eq!(o.eax.apply(0x0000_4121), (3 << 26) | 0x4121);
         // Brand string.
         let o = override_for(&e(0x8000_0002, 0, 0, [0x6c65_746e, 1, 2, 3])).unwrap();
@@ -329,8 +347,20 @@ mod tests {
 
     #[test]
     fn hypervisor_owned_leaves_are_skipped() {
-        for function in [0x0, 0x2, 0xd, 0x4000_0000, 0x4000_0001, 0x8000_0000, 0x8000_0005] {
-            assert_eq!(override_for(&e(function, 0, 0, [1, 2, 3, 4])), None, "{function:#x}");
+        for function in [
+            0x0,
+            0x2,
+            0xd,
+            0x4000_0000,
+            0x4000_0001,
+            0x8000_0000,
+            0x8000_0005,
+        ] {
+            assert_eq!(
+                override_for(&e(function, 0, 0, [1, 2, 3, 4])),
+                None,
+                "{function:#x}"
+            );
         }
         // Leaf 7 subleaves other than 0 and 1 are left alone.
         assert_eq!(
@@ -338,8 +368,13 @@ mod tests {
             None
         );
         // 7.0 intersects and keeps OSPKE dynamic.
-        let o = override_for(&e(7, 0, CPUID_FLAG_SIGNIFICANT_INDEX, [0, !(1 << 16), 0, !0]))
-            .unwrap();
+        let o = override_for(&e(
+            7,
+            0,
+            CPUID_FLAG_SIGNIFICANT_INDEX,
+            [0, !(1 << 16), 0, !0],
+        ))
+        .unwrap();
         assert_eq!(o.ebx.apply(!0) & (1 << 16), 0);
         assert_eq!(o.ecx.apply(LEAF7_ECX_DYNAMIC), LEAF7_ECX_DYNAMIC);
         assert_eq!(o.eax, Masked::none());

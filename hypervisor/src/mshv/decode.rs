@@ -161,9 +161,7 @@ struct Cursor<'a> {
 impl Cursor<'_> {
     fn next(&mut self) -> Result<u8, DecodeError> {
         if self.pos >= MAX_INSN_LEN {
-            return Err(DecodeError::Unsupported(
-                "longer than 15 bytes".to_string(),
-            ));
+            return Err(DecodeError::Unsupported("longer than 15 bytes".to_string()));
         }
         let b = *self.bytes.get(self.pos).ok_or(DecodeError::Truncated)?;
         self.pos += 1;
@@ -173,9 +171,7 @@ impl Cursor<'_> {
     fn skip(&mut self, n: usize) -> Result<(), DecodeError> {
         let end = self.pos + n;
         if end > MAX_INSN_LEN {
-            return Err(DecodeError::Unsupported(
-                "longer than 15 bytes".to_string(),
-            ));
+            return Err(DecodeError::Unsupported("longer than 15 bytes".to_string()));
         }
         if end > self.bytes.len() {
             return Err(DecodeError::Truncated);
@@ -257,11 +253,7 @@ pub fn decode(bytes: &[u8], mode: CodeSize) -> Result<MmioInsn, DecodeError> {
             },
             0xbe => Shape::Widen { src: 1, sign: true },
             0xbf => Shape::Widen { src: 2, sign: true },
-            op2 => {
-                return Err(DecodeError::Unsupported(format!(
-                    "opcode 0x0f {op2:#04x}"
-                )))
-            }
+            op2 => return Err(DecodeError::Unsupported(format!("opcode 0x0f {op2:#04x}"))),
         },
         op => return Err(DecodeError::Unsupported(format!("opcode {op:#04x}"))),
     };
@@ -520,7 +512,12 @@ mod tests {
                 },
             ),
             // mov dword [rax], 1
-            (&[0xc7, 0x00, 0x01, 0x00, 0x00, 0x00], 6, 4, MmioOp::StoreImm(1)),
+            (
+                &[0xc7, 0x00, 0x01, 0x00, 0x00, 0x00],
+                6,
+                4,
+                MmioOp::StoreImm(1),
+            ),
             // mov word [rax], dx
             (&[0x66, 0x89, 0x10], 3, 2, MmioOp::Store(Reg::Gpr(2))),
             // mov [rdx], cl
@@ -561,7 +558,12 @@ mod tests {
             // mov byte [rax+4], 0xff
             (&[0xc6, 0x40, 0x04, 0xff], 4, 1, MmioOp::StoreImm(0xff)),
             // mov word [rax], 0x1234
-            (&[0x66, 0xc7, 0x00, 0x34, 0x12], 5, 2, MmioOp::StoreImm(0x1234)),
+            (
+                &[0x66, 0xc7, 0x00, 0x34, 0x12],
+                5,
+                2,
+                MmioOp::StoreImm(0x1234),
+            ),
             // mov qword [rip-0x10], -2  (imm32 sign-extended to 64 bits)
             (
                 &[
@@ -649,7 +651,11 @@ mod tests {
             &[0x0f],
         ];
         for bytes in truncated {
-            assert_eq!(decode(bytes, Bits64), Err(DecodeError::Truncated), "{bytes:02x?}");
+            assert_eq!(
+                decode(bytes, Bits64),
+                Err(DecodeError::Truncated),
+                "{bytes:02x?}"
+            );
         }
         // Sixteen prefixes: longer than any legal instruction.
         assert!(matches!(
@@ -712,7 +718,10 @@ mod tests {
         // mov [rdx], ch
         assert_eq!(ok(&[0x88, 0x2a], Bits64).store_value(&r), Some(0x88));
         // mov [rax], cx
-        assert_eq!(ok(&[0x66, 0x89, 0x08], Bits64).store_value(&r), Some(0x8899));
+        assert_eq!(
+            ok(&[0x66, 0x89, 0x08], Bits64).store_value(&r),
+            Some(0x8899)
+        );
         // mov [rbx+0x10], eax
         assert_eq!(
             ok(&[0x89, 0x43, 0x10], Bits64).store_value(&r),
