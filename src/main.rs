@@ -9,7 +9,11 @@ use hypervisor::Selection;
 use vmm::ExitReason;
 
 #[derive(Parser, Debug)]
-#[command(name = "podvmm", version, about = "A lean VMM for Kubernetes pod sandboxes")]
+#[command(
+    name = "podvmm",
+    version,
+    about = "A lean VMM for Kubernetes pod sandboxes"
+)]
 struct Cli {
     /// Guest kernel: a PVH ELF vmlinux or a bzImage.
     #[arg(long, value_name = "PATH")]
@@ -57,6 +61,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match vmm::run(&cli.vm_config(), cli.hypervisor) {
         Ok(ExitReason::Reset) | Ok(ExitReason::Shutdown) => ExitCode::SUCCESS,
+        Ok(ExitReason::TripleFault) => {
+            eprintln!("podvmm: guest stopped: triple fault (the guest crashed, or rebooted with reboot=t)");
+            ExitCode::from(3)
+        }
         Ok(ExitReason::GuestError(msg)) => {
             eprintln!("podvmm: guest stopped: {msg}");
             ExitCode::from(3)

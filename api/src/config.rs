@@ -309,6 +309,9 @@ mod tests {
         assert!(matches!(cfg.validate(), Err(ValidationError::Console(_))));
         cfg.console = ConsoleConfig::off();
         cfg.cpus.max_vcpus = 4;
-        assert!(matches!(cfg.validate(), Err(ValidationError::Hotplug { .. })));
+        assert!(matches!(
+            cfg.validate(),
+            Err(ValidationError::Hotplug { .. })
+        ));
     }
 }

@@ -83,9 +83,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err("expected a number of bytes, optionally with a K, M, G or T suffix".into());
     }
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| "number too large".to_string())?;
+    let n: u64 = digits.parse().map_err(|_| "number too large".to_string())?;
     n.checked_mul(1u64 << shift)
         .ok_or_else(|| "size too large".to_string())
 }
@@ -112,10 +110,21 @@ mod tests {
         assert_eq!(parse_size("2G"), Ok(2 << 30));
         assert_eq!(parse_size("1k"), Ok(1024));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
-        for bad in ["", "banana", "G", "-1G", "1.5G", "1GB", "0x10", "99999999999999999999"] {
+        for bad in [
+            "",
+            "banana",
+            "G",
+            "-1G",
+            "1.5G",
+            "1GB",
+            "0x10",
+            "99999999999999999999",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad} must not parse");
         }
-        assert!(parse_size("17179869184T").unwrap_err().contains("too large"));
+        assert!(parse_size("17179869184T")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

@@ -204,7 +204,12 @@ mod tests {
         let t = guest_cpuid(&host(), 0, 1);
         for feat in HIDDEN_FEATURES {
             let mut e = find(&t, feat.leaf, feat.subleaf);
-            assert_eq!(*reg_mut(&mut e, feat.reg) & (1 << feat.bit), 0, "{}", feat.name);
+            assert_eq!(
+                *reg_mut(&mut e, feat.reg) & (1 << feat.bit),
+                0,
+                "{}",
+                feat.name
+            );
         }
         // SSE2 (EDX bit 26) and SSE4.2 (ECX bit 20) stay.
         let l1 = find(&t, 1, 0);

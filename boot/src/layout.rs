@@ -58,7 +58,11 @@ pub fn e820_map(size: u64) -> Vec<(u64, u64, u32)> {
     let low_end = size.min(MMIO_GAP_START);
     let mut map = vec![
         (0, RESERVED_LOW_START, E820_RAM),
-        (RESERVED_LOW_START, LOW_MEM_END - RESERVED_LOW_START, E820_RESERVED),
+        (
+            RESERVED_LOW_START,
+            LOW_MEM_END - RESERVED_LOW_START,
+            E820_RESERVED,
+        ),
         (HIMEM_START, low_end - HIMEM_START, E820_RAM),
     ];
     if size > low_end {
@@ -75,7 +79,10 @@ mod tests {
     fn small_guest_has_one_region() {
         assert_eq!(ram_regions(2 << 30), vec![(GuestAddress(0), 2 << 30)]);
         let map = e820_map(2 << 30);
-        assert_eq!(map.last().unwrap(), &(HIMEM_START, (2 << 30) - HIMEM_START, E820_RAM));
+        assert_eq!(
+            map.last().unwrap(),
+            &(HIMEM_START, (2 << 30) - HIMEM_START, E820_RAM)
+        );
     }
 
     #[test]
@@ -89,11 +96,7 @@ mod tests {
             ]
         );
         let map = e820_map(size);
-        let ram: u64 = map
-            .iter()
-            .filter(|e| e.2 == E820_RAM)
-            .map(|e| e.1)
-            .sum();
+        let ram: u64 = map.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
         // Everything but the 640 KiB - 1 MiB hole is usable RAM.
         assert_eq!(ram, size - (HIMEM_START - RESERVED_LOW_START));
         for w in map.windows(2) {

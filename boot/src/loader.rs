@@ -244,7 +244,13 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo>
         None => u64::MAX,
     };
     let initrd = match spec.initramfs {
-        Some(p) => Some(load_initramfs(mem, p, kernel_end, spec.mem_size, initrd_max)?),
+        Some(p) => Some(load_initramfs(
+            mem,
+            p,
+            kernel_end,
+            spec.mem_size,
+            initrd_max,
+        )?),
         None => None,
     };
 
@@ -253,9 +259,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo>
     let e820 = e820_map(spec.mem_size);
     match boot.mode {
         EntryMode::Pvh => write_pvh_info(mem, &e820, initrd)?,
-        EntryMode::Linux64 => {
-            write_zero_page(mem, setup_header.as_deref(), &e820, initrd)?
-        }
+        EntryMode::Linux64 => write_zero_page(mem, setup_header.as_deref(), &e820, initrd)?,
     }
     Ok(boot)
 }

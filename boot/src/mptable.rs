@@ -149,7 +149,10 @@ mod tests {
     #[test]
     fn cpu_count_limits() {
         assert!(matches!(build(MPTABLE_ADDR, 0), Err(Error::CpuCount(0))));
-        assert!(matches!(build(MPTABLE_ADDR, 255), Err(Error::CpuCount(255))));
+        assert!(matches!(
+            build(MPTABLE_ADDR, 255),
+            Err(Error::CpuCount(255))
+        ));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write(&mem, MAX_CPUS).unwrap();
         let sig: [u8; 4] = mem.read_obj(GuestAddress(EBDA_START)).unwrap();

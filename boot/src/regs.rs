@@ -169,7 +169,10 @@ mod tests {
             mode: EntryMode::Pvh,
             entry: 0x100_0000,
         });
-        assert_eq!((regs.rbx, regs.rip, regs.rflags), (PVH_INFO_ADDR, 0x100_0000, 2));
+        assert_eq!(
+            (regs.rbx, regs.rip, regs.rflags),
+            (PVH_INFO_ADDR, 0x100_0000, 2)
+        );
     }
 
     #[test]

@@ -169,7 +169,10 @@ mod tests {
         assert!(bus.insert(dev(), 0x110, 0x10).is_ok());
         assert_eq!(
             bus.insert(dev(), 0x200, 0),
-            Err(BusError::InvalidRange { base: 0x200, len: 0 })
+            Err(BusError::InvalidRange {
+                base: 0x200,
+                len: 0
+            })
         );
         assert!(matches!(
             bus.insert(dev(), u64::MAX, 2),

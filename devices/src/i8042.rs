@@ -61,7 +61,10 @@ mod tests {
         let mut dev = I8042::new(evt.try_clone().unwrap());
         dev.write(COMMAND_OFFSET, &[0x20]);
         dev.write(0, &[CMD_RESET_CPU]); // the data port
-        assert!(evt.read().is_err(), "only a 0xFE command on port 0x64 resets");
+        assert!(
+            evt.read().is_err(),
+            "only a 0xFE command on port 0x64 resets"
+        );
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
         assert_eq!(evt.read().unwrap(), 1);
         assert_eq!(dev.resets(), 1);

@@ -198,8 +198,10 @@ pub enum VcpuExit {
     Continue,
     /// The vCPU executed HLT and the hypervisor handed it to user space.
     Halt,
-    /// The guest asked for a reset (triple fault or a reset system event).
+    /// The guest asked for a reset (a reset system event).
     Reset,
+    /// The vCPU triple-faulted: a PC resets, but it almost always means the guest crashed.
+    TripleFault,
     /// The guest asked to power off.
     Shutdown,
     /// The hypervisor could not emulate an instruction of the guest.

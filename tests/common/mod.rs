@@ -242,6 +242,39 @@ pub fn run_podvmm(args: &[&str], timeout_s: u32) -> Output {
         .expect("run podvmm")
 }
 
+/// The command line a guest receives for `cmdline`: on hosts that do not enforce CPUID
+/// filtering (PVM), podvmm appends the `clearcpuid=` workaround.
+pub fn guest_cmdline(cmdline: &str) -> String {
+    boot::cpuid::guest_cmdline(cmdline, !hypervisor::kvm::is_pvm())
+}
+
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// The PVH test guest made to end QEMU microvm too, which has no i8042: like
+/// [`pvh_guest_code`], but after the i8042 reset write it also writes 0 to QEMU's
+/// `isa-debug-exit` port 0xf4 (`-device isa-debug-exit,iobase=0xf4,iosize=4`), which makes
+/// QEMU exit with status `(0 << 1) | 1 = 1`. podvmm exits at the i8042 write and never gets
+/// to the second one, so the same image serves both VMMs.
+pub fn pvh_guest_code_debug_exit() -> Vec<u8> {
+    let mut a = Asm::default();
+    a.com1()
+        .bytes(&[0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33]) // cmp dword [ebx], 0x336ec578
+        .jump(0x75, "fail")
+        .print("PVH ")
+        .bytes(&[0x8b, 0x73, 0x18]) // mov esi, [ebx + 0x18] (cmdline_paddr)
+        .print_string_at_si(&[0x46], "cmd") // inc esi
+        .print("\n")
+        .bytes(&[0xb0, 0xfe, 0xe6, 0x64]) // mov al, 0xfe; out 0x64, al (i8042 reset)
+        .bytes(&[0x31, 0xc0, 0xe6, 0xf4]) // xor eax, eax; out 0xf4, al (isa-debug-exit)
+        .label("halt")
+        .bytes(&[0xf4])
+        .jump(0xeb, "halt")
+        .label("fail")
+        .print("BAD start_info\n")
+        .bytes(&[0xb0, 0xfe, 0xe6, 0x64]) // i8042 reset
+        .bytes(&[0xb0, 0x01, 0xe6, 0xf4]) // mov al, 1; out 0xf4, al: QEMU exits with 3
+        .bytes(&[0xf4]);
+    a.finish()
 }

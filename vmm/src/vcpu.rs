@@ -21,6 +21,7 @@ pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
         match vcpu.run(ctx.io.as_ref()) {
             Ok(VcpuExit::Continue) => {}
             Ok(VcpuExit::Reset) => break ExitReason::Reset,
+            Ok(VcpuExit::TripleFault) => break ExitReason::TripleFault,
             Ok(VcpuExit::Shutdown) => break ExitReason::Shutdown,
             // Only a hypervisor without an in-kernel interrupt controller returns HLT; with
             // nothing to wake the vCPU, the guest has stopped for good.

@@ -6,7 +6,7 @@ use std::thread;
 
 use api::{ConsoleOutputMode, VmConfig};
 use boot::{BootInfo, KernelSpec};
-use devices::{i8042, serial, Bus, I8042, Serial, SerialOutput};
+use devices::{i8042, serial, Bus, Serial, SerialOutput, I8042};
 use hypervisor::{Hypervisor, Selection, Vcpu, VmOps};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -16,8 +16,11 @@ use crate::{memory, vcpu, Error, Result};
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest reset the machine (i8042 reset, triple fault, reset request).
+    /// The guest reset the machine (i8042 reset, reset request).
     Reset,
+    /// A vCPU triple-faulted. On a PC that resets the machine, but it means the guest crashed
+    /// (or rebooted with `reboot=t`), so it is not reported as a clean stop.
+    TripleFault,
     /// The guest powered off.
     Shutdown,
     /// The guest did something the VMM cannot continue from.
@@ -128,13 +131,15 @@ impl Vm {
         memory::map_into(vm.as_ref(), &mem)?;
 
         let exit = Arc::new(ExitState::new()?);
-        let event = |what| {
-            EventFd::new(0).map_err(|source| Error::Io { what, source })
-        };
+        let event = |what| EventFd::new(0).map_err(|source| Error::Io { what, source });
         let output = match config.serial.mode {
             ConsoleOutputMode::Tty => SerialOutput::Stdout,
             ConsoleOutputMode::File => {
-                let path = config.serial.file.as_deref().unwrap_or(std::path::Path::new(""));
+                let path = config
+                    .serial
+                    .file
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""));
                 SerialOutput::file(path).map_err(|source| Error::SerialFile {
                     path: path.to_owned(),
                     source,
@@ -162,13 +167,6 @@ impl Vm {
         });
 
         let cmdline = boot::cpuid::guest_cmdline(config.cmdline(), hv.cpuid_enforced());
-        if cmdline != config.cmdline() {
-            eprintln!(
-                "podvmm: note: this host's {} does not enforce CPUID filtering; added {} to the guest command line",
-                hv.kind(),
-                boot::cpuid::clearcpuid_param()
-            );
-        }
         let boot = boot::load_kernel(
             &mem,
             &KernelSpec {
@@ -185,6 +183,13 @@ impl Vm {
             let vcpu = vm.create_vcpu(id)?;
             boot::setup_vcpu(vcpu.as_ref(), num_cpus, &host_cpuid, &boot)?;
             vcpus.push(vcpu);
+        }
+        if cmdline != config.cmdline() {
+            eprintln!(
+                "podvmm: note: this host's {} does not enforce CPUID filtering; added {} to the guest command line",
+                hv.kind(),
+                boot::cpuid::clearcpuid_param()
+            );
         }
         Ok(Vm {
             _hypervisor: hv,

@@ -347,9 +347,7 @@ impl crate::Vcpu for KvmVcpu {
             mxcsr: fpu.mxcsr,
             ..Default::default()
         };
-        self.fd
-            .set_fpu(&k)
-            .map_err(|e| Error::os("KVM_SET_FPU", e))
+        self.fd.set_fpu(&k).map_err(|e| Error::os("KVM_SET_FPU", e))
     }
 
     fn set_cpuid(&self, entries: &[CpuIdEntry]) -> Result<()> {
@@ -457,8 +455,7 @@ impl crate::Vcpu for KvmVcpu {
                 VcpuExit::Continue
             }
             Ok(KvmExit::Hlt) => VcpuExit::Halt,
-            // A triple fault: what a PC does then is reset.
-            Ok(KvmExit::Shutdown) => VcpuExit::Reset,
+            Ok(KvmExit::Shutdown) => VcpuExit::TripleFault,
             Ok(KvmExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExit::Shutdown,
                 KVM_SYSTEM_EVENT_RESET => VcpuExit::Reset,
@@ -473,9 +470,7 @@ impl crate::Vcpu for KvmVcpu {
                 "KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"
             )),
             Ok(other) => VcpuExit::Unhandled(format!("{other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                VcpuExit::Continue
-            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => VcpuExit::Continue,
             Err(e) => return Err(Error::os("KVM_RUN", e)),
         };
         // Internal errors carry their detail in the run area, read once the exit's borrow ended.
@@ -512,6 +507,9 @@ mod tests {
         for (i, b) in raw.iter_mut().enumerate() {
             *b = regs[APIC_LVT0 + i] as u8;
         }
-        assert_eq!(u32::from_le_bytes(raw), 0x0001_0031 | (APIC_MODE_EXTINT << 8));
+        assert_eq!(
+            u32::from_le_bytes(raw),
+            0x0001_0031 | (APIC_MODE_EXTINT << 8)
+        );
     }
 }

@@ -297,9 +297,11 @@ impl crate::Vm for MshvVm {
     ) -> Result<()> {
         let addr = match addr {
             IoEventAddress::Mmio(a) => mshv_ioctls::IoEventAddress::Mmio(a),
-            IoEventAddress::Pio(port) => return Err(Error::Unsupported(format!(
+            IoEventAddress::Pio(port) => {
+                return Err(Error::Unsupported(format!(
                 "MSHV has no port-I/O ioeventfds (port {port:#x}); handle the port through VmOps"
-            ))),
+            )))
+            }
         };
         // A u32 datamatch makes the kernel compare 4-byte writes, as KVM does.
         match datamatch {
@@ -881,8 +883,8 @@ impl crate::Vcpu for MshvVcpu {
             // this message is rare; when it comes, hand it on (Cloud Hypervisor treats it as
             // the end of the guest).
             mb::hv_message_type_HVMSG_X64_HALT => Ok(VcpuExit::Halt),
-            // Sent on a triple fault: what a PC does then is reset.
-            mb::hv_message_type_HVMSG_UNRECOVERABLE_EXCEPTION => Ok(VcpuExit::Reset),
+            // Sent on a triple fault.
+            mb::hv_message_type_HVMSG_UNRECOVERABLE_EXCEPTION => Ok(VcpuExit::TripleFault),
             // EOIs of level-triggered vectors, for a user-space IOAPIC; nothing to do here.
             mb::hv_message_type_HVMSG_X64_APIC_EOI | mb::hv_message_type_HVMSG_NONE => {
                 Ok(VcpuExit::Continue)
