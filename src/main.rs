@@ -53,6 +53,9 @@ impl Cli {
             memory: self.memory.clone().unwrap_or_default(),
             serial: self.serial.clone(),
             console: self.console.clone(),
+            disks: None,
+            net: None,
+            vsock: None,
         }
     }
 }

@@ -173,6 +173,12 @@ pub struct VmConfig {
     /// The virtio console. Not provided by podvmm; only `Off` and `Null` are accepted.
     #[serde(default = "default_console")]
     pub console: ConsoleConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<crate::DiskConfig>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<Vec<crate::NetConfig>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<crate::VsockConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -5,6 +5,8 @@
 //! Cloud Hypervisor's syntax and parse into the same types.
 
 pub mod config;
+pub mod devices;
 pub mod options;
 
 pub use config::*;
+pub use devices::*;

@@ -117,6 +117,15 @@ impl Vm {
             .kernel
             .as_deref()
             .ok_or(api::ValidationError::NoKernel)?;
+        for (present, what) in [
+            (config.disks.as_ref().is_some_and(|d| !d.is_empty()), "disks (virtio-blk)"),
+            (config.net.as_ref().is_some_and(|n| !n.is_empty()), "net (virtio-net)"),
+            (config.vsock.is_some(), "vsock (virtio-vsock)"),
+        ] {
+            if present {
+                return Err(Error::Limit(format!("{what}: not implemented yet")));
+            }
+        }
         let hv = hypervisor::new(selection)?;
         let num_cpus = config.cpus.boot_vcpus;
         let max = hv.max_vcpus().min(boot::mptable::MAX_CPUS);

@@ -1,0 +1,254 @@
+//! Device sections of `VmConfig` (disks, network interfaces, vsock), in Cloud Hypervisor's
+//! schema, and their command-line forms (`--disk path=...,readonly=on`).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::options::{parse_count, OptionError, OptionMap};
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err("expected on or off".into()),
+    }
+}
+
+fn parse_queue_size(v: &str) -> Result<u16, String> {
+    let n = parse_count(v)?;
+    if !n.is_power_of_two() || n > 32768 {
+        return Err("must be a power of two up to 32768".into());
+    }
+    Ok(n as u16)
+}
+
+fn default_one() -> u32 {
+    1
+}
+fn default_queue_size() -> u16 {
+    128
+}
+fn default_net_queues() -> u32 {
+    2
+}
+fn default_net_queue_size() -> u16 {
+    256
+}
+
+/// `image_type`: only raw images are served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageType {
+    #[default]
+    Raw,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    /// Open with O_DIRECT (bypass the host page cache).
+    #[serde(default)]
+    pub direct: bool,
+    #[serde(default = "default_one")]
+    pub num_queues: u32,
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub image_type: ImageType,
+}
+
+impl DiskConfig {
+    /// `path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=NAME]`
+    pub fn parse(s: &str) -> Result<Self, OptionError> {
+        let m = OptionMap::parse(
+            s,
+            &["path", "readonly", "direct", "num_queues", "queue_size", "id"],
+        )?;
+        let path = m
+            .get("path")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| OptionError::Missing("path".into()))?;
+        Ok(DiskConfig {
+            path: PathBuf::from(path),
+            readonly: m.parse_with("readonly", parse_bool)?.unwrap_or(false),
+            direct: m.parse_with("direct", parse_bool)?.unwrap_or(false),
+            num_queues: m.parse_with("num_queues", parse_count)?.unwrap_or(1),
+            queue_size: m
+                .parse_with("queue_size", parse_queue_size)?
+                .unwrap_or(default_queue_size()),
+            id: m.get("id").map(str::to_string),
+            image_type: ImageType::Raw,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    #[serde(default)]
+    pub tap: Option<String>,
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub mask: Option<Ipv4Addr>,
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`; random when absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default = "default_net_queues")]
+    pub num_queues: u32,
+    #[serde(default = "default_net_queue_size")]
+    pub queue_size: u16,
+    #[serde(default)]
+    pub id: Option<String>,
+    /// TAP file descriptors received over the API socket (SCM_RIGHTS); never from JSON.
+    #[serde(skip)]
+    pub fds: Vec<i32>,
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 6 {
+        return Err("expected six hex bytes separated by ':'".into());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err("expected six hex bytes separated by ':'".into());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("'{p}' is not a hex byte"))?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err("a multicast address cannot be a NIC's address".into());
+    }
+    Ok(mac)
+}
+
+impl NetConfig {
+    /// `tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,num_queues=N][,queue_size=N][,id=NAME]`
+    pub fn parse(s: &str) -> Result<Self, OptionError> {
+        let m = OptionMap::parse(
+            s,
+            &["tap", "mac", "ip", "mask", "num_queues", "queue_size", "id"],
+        )?;
+        let ip = |k| m.parse_with(k, |v| v.parse::<Ipv4Addr>().map_err(|e| e.to_string()));
+        m.parse_with("mac", parse_mac)?;
+        let num_queues = m.parse_with("num_queues", parse_count)?.unwrap_or(2);
+        if num_queues % 2 != 0 {
+            return Err(OptionError::InvalidValue {
+                key: "num_queues".into(),
+                value: num_queues.to_string(),
+                reason: "must be even (one receive and one transmit queue per pair)".into(),
+            });
+        }
+        Ok(NetConfig {
+            tap: m.get("tap").map(str::to_string),
+            ip: ip("ip")?,
+            mask: ip("mask")?,
+            mac: m.get("mac").map(str::to_string),
+            num_queues,
+            queue_size: m
+                .parse_with("queue_size", parse_queue_size)?
+                .unwrap_or(default_net_queue_size()),
+            id: m.get("id").map(str::to_string),
+            fds: Vec::new(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// Guest context id; 0-2 are reserved (hypervisor, local, host).
+    pub cid: u32,
+    /// Unix socket the host side listens on (hybrid vsock).
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl VsockConfig {
+    /// `cid=N,socket=PATH[,id=NAME]`
+    pub fn parse(s: &str) -> Result<Self, OptionError> {
+        let m = OptionMap::parse(s, &["cid", "socket", "id"])?;
+        let cid = m
+            .parse_with("cid", |v| {
+                let n: u32 = v.parse().map_err(|_| "expected a number".to_string())?;
+                if n < 3 || n == u32::MAX {
+                    return Err("context ids 0-2 and 4294967295 are reserved".into());
+                }
+                Ok(n)
+            })?
+            .ok_or_else(|| OptionError::Missing("cid".into()))?;
+        let socket = m
+            .get("socket")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| OptionError::Missing("socket".into()))?;
+        Ok(VsockConfig {
+            cid,
+            socket: PathBuf::from(socket),
+            id: m.get("id").map(str::to_string),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_option() {
+        let d = DiskConfig::parse("path=/d.img,readonly=on,num_queues=4,queue_size=256,id=root")
+            .unwrap();
+        assert_eq!(d.path, PathBuf::from("/d.img"));
+        assert!(d.readonly && !d.direct);
+        assert_eq!((d.num_queues, d.queue_size), (4, 256));
+        assert_eq!(d.id.as_deref(), Some("root"));
+        for bad in [
+            "readonly=on",
+            "path=",
+            "path=/d,readonly=maybe",
+            "path=/d,queue_size=100",
+            "path=/d,num_queues=0",
+            "path=/d,cache=none",
+        ] {
+            assert!(DiskConfig::parse(bad).is_err(), "{bad}");
+        }
+        let json: DiskConfig = serde_json::from_str(r#"{"path":"/x","readonly":true}"#).unwrap();
+        assert_eq!((json.num_queues, json.queue_size), (1, 128));
+    }
+
+    #[test]
+    fn net_option() {
+        let n = NetConfig::parse("tap=tap0,mac=02:00:00:00:00:01,ip=10.0.0.1,mask=255.255.255.0")
+            .unwrap();
+        assert_eq!(n.tap.as_deref(), Some("tap0"));
+        assert_eq!(n.ip, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(n.num_queues, 2);
+        for bad in [
+            "tap=t,mac=zz:00:00:00:00:01",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,ip=10.0.0.300",
+            "tap=t,num_queues=3",
+        ] {
+            assert!(NetConfig::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_mac("02:ab:CD:00:00:01").unwrap()[1], 0xab);
+    }
+
+    #[test]
+    fn vsock_option() {
+        let v = VsockConfig::parse("cid=3,socket=/run/v.sock").unwrap();
+        assert_eq!((v.cid, v.socket), (3, PathBuf::from("/run/v.sock")));
+        for bad in ["cid=2,socket=/s", "cid=x,socket=/s", "socket=/s", "cid=3"] {
+            assert!(VsockConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
