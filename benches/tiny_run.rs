@@ -95,29 +95,29 @@ impl Vm {
         let out = self.run_captured(&self.verify_args);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        let what = || {
+        // The first line says what failed in brief (it is what a fallback reports); the
+        // details follow.
+        let what = |reason: &str| {
             format!(
-                "{}\n  status: {}\n  stdout: {stdout:?}\n  stderr: {}",
-                self.command_line(&self.verify_args),
+                "{reason} (status: {}; stderr: {})\n  command: {}\n  stdout: {stdout:?}\n  stderr: {}",
                 out.status,
+                stderr.lines().next().unwrap_or("empty"),
+                self.command_line(&self.verify_args),
                 stderr.trim_end()
             )
         };
         if !guest_line_ok(&stdout) {
-            return Err(format!(
-                "the guest did not print `PVH {CMDLINE}`: {}",
-                what()
-            ));
+            return Err(what(&format!("the guest did not print `PVH {CMDLINE}`")));
         }
         if out.status.code() != Some(self.ok_code) {
-            return Err(format!("exit status is not {}: {}", self.ok_code, what()));
+            return Err(what(&format!("exit status is not {}", self.ok_code)));
         }
         let quiet = self.run_captured(&self.timed_args);
         if quiet.status.code() != Some(self.ok_code) || !quiet.stdout.is_empty() {
             return Err(format!(
-                "the timed variant misbehaved: {}\n  status: {}\n  stdout: {:?}\n  stderr: {}",
-                self.command_line(&self.timed_args),
+                "the timed variant misbehaved (status: {})\n  command: {}\n  stdout: {:?}\n  stderr: {}",
                 quiet.status,
+                self.command_line(&self.timed_args),
                 String::from_utf8_lossy(&quiet.stdout),
                 String::from_utf8_lossy(&quiet.stderr).trim_end()
             ));

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use api::{ConsoleConfig, CpusConfig, MemoryConfig, PayloadConfig, VmConfig};
+use api::{ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, VmConfig};
 use clap::Parser;
 use hypervisor::Selection;
 use vmm::ExitReason;
@@ -36,6 +36,9 @@ struct Cli {
     /// virtio console: only off (podvmm has no virtio-console device).
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = |s: &str| ConsoleConfig::parse(s).map_err(|e| e.to_string()))]
     console: ConsoleConfig,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=NAME] (repeatable).
+    #[arg(long, value_name = "path=FILE,...", value_parser = |s: &str| DiskConfig::parse(s).map_err(|e| e.to_string()))]
+    disk: Vec<DiskConfig>,
     /// Hypervisor backend: auto (/dev/mshv if present, else /dev/kvm), kvm or mshv.
     #[arg(long, value_name = "auto|kvm|mshv", default_value = "auto")]
     hypervisor: Selection,
@@ -53,7 +56,7 @@ impl Cli {
             memory: self.memory.clone().unwrap_or_default(),
             serial: self.serial.clone(),
             console: self.console.clone(),
-            disks: None,
+            disks: (!self.disk.is_empty()).then(|| self.disk.clone()),
             net: None,
             vsock: None,
         }

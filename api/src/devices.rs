@@ -68,7 +68,14 @@ impl DiskConfig {
     pub fn parse(s: &str) -> Result<Self, OptionError> {
         let m = OptionMap::parse(
             s,
-            &["path", "readonly", "direct", "num_queues", "queue_size", "id"],
+            &[
+                "path",
+                "readonly",
+                "direct",
+                "num_queues",
+                "queue_size",
+                "id",
+            ],
         )?;
         let path = m
             .get("path")

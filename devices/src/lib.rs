@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use i8042::I8042;

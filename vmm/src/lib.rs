@@ -4,6 +4,7 @@
 //! one thread per vCPU runs the guest and dispatches its I/O to the buses; when the serial
 //! console is on a terminal, one thread forwards keyboard input to the UART.
 
+pub mod device_manager;
 mod emulation;
 mod memory;
 mod vcpu;
@@ -42,6 +43,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Device(#[from] device_manager::DeviceError),
     #[error("placing a device on the bus: {0}")]
     Bus(#[from] devices::BusError),
     #[error("{what}: {source}")]

@@ -11,6 +11,7 @@ use hypervisor::{Hypervisor, Selection, Vcpu, VmOps};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::device_manager::DeviceManager;
 use crate::{memory, vcpu, Error, Result};
 
 /// Why the VM stopped.
@@ -105,6 +106,7 @@ pub struct Vm {
     serial: Arc<Mutex<Serial>>,
     forward_stdin: bool,
     boot: BootInfo,
+    devices: DeviceManager,
 }
 
 impl Vm {
@@ -118,8 +120,10 @@ impl Vm {
             .as_deref()
             .ok_or(api::ValidationError::NoKernel)?;
         for (present, what) in [
-            (config.disks.as_ref().is_some_and(|d| !d.is_empty()), "disks (virtio-blk)"),
-            (config.net.as_ref().is_some_and(|n| !n.is_empty()), "net (virtio-net)"),
+            (
+                config.net.as_ref().is_some_and(|n| !n.is_empty()),
+                "net (virtio-net)",
+            ),
             (config.vsock.is_some(), "vsock (virtio-vsock)"),
         ] {
             if present {
@@ -170,12 +174,15 @@ impl Vm {
             i8042::I8042_BASE,
             i8042::I8042_LEN,
         )?;
-        let io = Arc::new(IoHandler {
-            pio,
-            mmio: Bus::new(),
-        });
+        let mmio = Bus::new();
+        let devices = DeviceManager::new(vm.as_ref(), &mem, &mmio, config)?;
+        let io = Arc::new(IoHandler { pio, mmio });
 
-        let cmdline = boot::cpuid::guest_cmdline(config.cmdline(), hv.cpuid_enforced());
+        let cmdline = match devices.cmdline() {
+            extra if extra.is_empty() => config.cmdline().to_string(),
+            extra => format!("{} {extra}", config.cmdline()),
+        };
+        let cmdline = boot::cpuid::guest_cmdline(&cmdline, hv.cpuid_enforced());
         let boot = boot::load_kernel(
             &mem,
             &KernelSpec {
@@ -193,7 +200,7 @@ impl Vm {
             boot::setup_vcpu(vcpu.as_ref(), num_cpus, &host_cpuid, &boot)?;
             vcpus.push(vcpu);
         }
-        if cmdline != config.cmdline() {
+        if !hv.cpuid_enforced() && !config.cmdline().contains("clearcpuid=") {
             eprintln!(
                 "podvmm: note: this host's {} does not enforce CPUID filtering; added {} to the guest command line",
                 hv.kind(),
@@ -210,7 +217,13 @@ impl Vm {
             serial,
             forward_stdin: config.serial.mode == ConsoleOutputMode::Tty && stdin_is_tty(),
             boot,
+            devices,
         })
+    }
+
+    /// The virtio devices.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
     }
 
     /// How the boot vCPU enters the kernel.

@@ -1,0 +1,322 @@
+//! Disk I/O engines: io_uring (the default) and synchronous system calls (the fallback).
+//!
+//! Both take requests whose buffers were already validated against guest memory, and
+//! report completions as (descriptor head, status, bytes written to the guest).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+
+use super::request::{S_IOERR, S_OK};
+
+/// One piece of I/O, with host addresses of guest buffers.
+pub enum Io {
+    Read { offset: u64, iovecs: Vec<libc::iovec> },
+    Write { offset: u64, iovecs: Vec<libc::iovec> },
+    Flush,
+}
+
+// SAFETY: the iovecs point into guest memory, which outlives every engine (the worker holds
+// the memory's Arc); they are plain addresses handed to the kernel.
+unsafe impl Send for Io {}
+
+impl Io {
+    fn expected(&self) -> i64 {
+        match self {
+            Io::Read { iovecs, .. } | Io::Write { iovecs, .. } => {
+                iovecs.iter().map(|v| v.iov_len as i64).sum()
+            }
+            Io::Flush => 0,
+        }
+    }
+}
+
+/// A finished request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub head: u16,
+    pub status: u8,
+    /// Bytes written into the guest's buffers (data for reads), not counting the status.
+    pub written: u32,
+}
+
+/// Which engine serves a disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    IoUring,
+    Sync,
+}
+
+impl EngineKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::IoUring => "io_uring",
+            EngineKind::Sync => "sync",
+        }
+    }
+
+    /// io_uring if the kernel offers it (and allows it: seccomp or sysctl may forbid it).
+    pub fn detect() -> EngineKind {
+        match IoUring::new(2) {
+            Ok(_) => EngineKind::IoUring,
+            Err(_) => EngineKind::Sync,
+        }
+    }
+}
+
+pub trait Engine: Send {
+    /// Queues `io` for request `head`.
+    fn submit(&mut self, head: u16, io: Io);
+    /// Starts everything queued since the last call.
+    fn kick(&mut self);
+    /// Moves finished requests into `out`.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+    /// An fd that becomes readable when completions are ready (None: completions are
+    /// available right after `kick`).
+    fn completion_fd(&self) -> Option<RawFd>;
+}
+
+/// Runs each request with preadv/pwritev/fdatasync on the worker thread.
+pub struct SyncEngine {
+    file: Arc<File>,
+    done: Vec<Completion>,
+}
+
+impl SyncEngine {
+    pub fn new(file: Arc<File>) -> Self {
+        SyncEngine {
+            file,
+            done: Vec::new(),
+        }
+    }
+}
+
+/// Drops `n` bytes from the front of `iovecs` after a partial transfer.
+fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
+    while n > 0 && !iovecs.is_empty() {
+        if n >= iovecs[0].iov_len {
+            n -= iovecs[0].iov_len;
+            iovecs.remove(0);
+        } else {
+            iovecs[0].iov_base = (iovecs[0].iov_base as usize + n) as *mut libc::c_void;
+            iovecs[0].iov_len -= n;
+            n = 0;
+        }
+    }
+}
+
+fn run_sync(fd: RawFd, io: Io) -> (u8, u32) {
+    match io {
+        Io::Read { offset, iovecs } => rw_all(fd, offset, iovecs, false),
+        Io::Write { offset, iovecs } => rw_all(fd, offset, iovecs, true),
+        Io::Flush => {
+            // SAFETY: fdatasync on a descriptor we own.
+            if unsafe { libc::fdatasync(fd) } == 0 {
+                (S_OK, 0)
+            } else {
+                (S_IOERR, 0)
+            }
+        }
+    }
+}
+
+fn rw_all(fd: RawFd, mut offset: u64, mut iovecs: Vec<libc::iovec>, write: bool) -> (u8, u32) {
+    let total: usize = iovecs.iter().map(|v| v.iov_len).sum();
+    let mut done = 0usize;
+    while !iovecs.is_empty() {
+        let cnt = iovecs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        // SAFETY: every iovec points into mapped guest memory of the stated length (checked
+        // when the request was parsed), and the memory outlives this call.
+        let n = unsafe {
+            if write {
+                libc::pwritev(fd, iovecs.as_ptr(), cnt, offset as libc::off_t)
+            } else {
+                libc::preadv(fd, iovecs.as_ptr(), cnt, offset as libc::off_t)
+            }
+        };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return (S_IOERR, 0);
+        }
+        if n == 0 {
+            // End of file inside the disk's capacity: the file shrank under us.
+            return (S_IOERR, 0);
+        }
+        done += n as usize;
+        offset += n as u64;
+        advance(&mut iovecs, n as usize);
+    }
+    debug_assert_eq!(done, total);
+    (S_OK, if write { 0 } else { total as u32 })
+}
+
+impl Engine for SyncEngine {
+    fn submit(&mut self, head: u16, io: Io) {
+        let (status, written) = run_sync(self.file.as_raw_fd(), io);
+        self.done.push(Completion {
+            head,
+            status,
+            written,
+        });
+    }
+
+    fn kick(&mut self) {}
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.done);
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+}
+
+struct InFlight {
+    head: u16,
+    io: Io,
+}
+
+/// One io_uring per queue; completions signal an eventfd the worker polls.
+pub struct UringEngine {
+    ring: IoUring,
+    file: Arc<File>,
+    evt: vmm_sys_util::eventfd::EventFd,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    pending: std::collections::VecDeque<(u16, Io)>,
+    done: Vec<Completion>,
+}
+
+impl UringEngine {
+    pub fn new(file: Arc<File>, depth: u16) -> std::io::Result<Self> {
+        let depth = u32::from(depth.max(1)).next_power_of_two();
+        let ring = IoUring::new(depth)?;
+        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(evt.as_raw_fd())?;
+        Ok(UringEngine {
+            ring,
+            file,
+            evt,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth as usize).rev().collect(),
+            pending: Default::default(),
+            done: Vec::new(),
+        })
+    }
+
+    fn push_pending(&mut self) {
+        while let Some(slot) = self.free.last().copied() {
+            let Some((head, io)) = self.pending.pop_front() else {
+                break;
+            };
+            let fd = types::Fd(self.file.as_raw_fd());
+            let entry = match &io {
+                Io::Read { offset, iovecs } => {
+                    opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                        .offset(*offset)
+                        .build()
+                }
+                Io::Write { offset, iovecs } => {
+                    opcode::Writev::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
+                        .offset(*offset)
+                        .build()
+                }
+                Io::Flush => opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+            }
+            .user_data(slot as u64);
+            // SAFETY: the iovec array and the buffers it names stay alive in `slots` until
+            // the kernel reports this entry complete.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_err() {
+                self.pending.push_front((head, io));
+                break;
+            }
+            self.free.pop();
+            self.slots[slot] = Some(InFlight { head, io });
+        }
+    }
+}
+
+impl Engine for UringEngine {
+    fn submit(&mut self, head: u16, io: Io) {
+        self.pending.push_back((head, io));
+    }
+
+    fn kick(&mut self) {
+        self.push_pending();
+        // EBUSY/EAGAIN leave the entries queued; the next kick (after a completion or a
+        // notification) submits them again.
+        let _ = self.ring.submit();
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let _ = self.evt.read();
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (slot, res) in cqes {
+            let Some(inflight) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot as usize);
+            let expected = inflight.io.expected();
+            let (status, written) = match (&inflight.io, i64::from(res)) {
+                (_, r) if r < 0 => (S_IOERR, 0),
+                (Io::Flush, _) => (S_OK, 0),
+                (Io::Read { .. }, r) if r == expected => (S_OK, r as u32),
+                (Io::Write { .. }, r) if r == expected => (S_OK, 0),
+                // A short transfer inside the disk: the file changed under us.
+                _ => (S_IOERR, 0),
+            };
+            out.push(Completion {
+                head: inflight.head,
+                status,
+                written,
+            });
+        }
+        out.append(&mut self.done);
+        // Freed slots let queued requests go.
+        if !self.pending.is_empty() {
+            self.kick();
+        }
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.evt.as_raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_handles_partial_iovecs() {
+        let mut buf = [0u8; 16];
+        let base = buf.as_mut_ptr() as *mut libc::c_void;
+        let mut v = vec![
+            libc::iovec {
+                iov_base: base,
+                iov_len: 4,
+            },
+            libc::iovec {
+                iov_base: (base as usize + 4) as *mut libc::c_void,
+                iov_len: 12,
+            },
+        ];
+        advance(&mut v, 6);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].iov_len, 10);
+        assert_eq!(v[0].iov_base as usize, base as usize + 6);
+        advance(&mut v, 10);
+        assert!(v.is_empty());
+    }
+}

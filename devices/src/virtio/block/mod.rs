@@ -1,0 +1,553 @@
+//! virtio-blk: a raw disk image served from a host file.
+//!
+//! One worker thread per queue, each with its own I/O engine (an io_uring by default). The
+//! data path of one request: the driver's notify write hits the queue's ioeventfd in the
+//! hypervisor, which wakes the worker's epoll; the worker pops the chain, validates it
+//! (`request::parse`), submits it to its engine, and on completion writes the status byte,
+//! adds the chain to the used ring and, if the driver wants it, raises the irqfd.
+
+pub mod engine;
+pub mod request;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::engine::{Completion, Engine, EngineKind, Io, SyncEngine, UringEngine};
+use self::request::{
+    ParseError, Request, RequestType, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, S_IOERR, S_OK,
+    S_UNSUPP,
+};
+use super::{
+    ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// virtio-blk feature bits.
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_MQ: u64 = 1 << 12;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+
+/// Most data segments per request we advertise (seg_max).
+const SEG_MAX: u32 = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("disk {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {0} is not a regular file or block device")]
+    NotAFile(PathBuf),
+    #[error("disk {0} is empty")]
+    Empty(PathBuf),
+    #[error("disk {path}: num_queues must be 1 to {max}, not {got}")]
+    Queues { path: PathBuf, got: u32, max: u32 },
+}
+
+/// What the VMM asks for (mirrors `api::DiskConfig`, kept free of serde here).
+#[derive(Clone, Debug)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub direct: bool,
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub id: String,
+    /// Force an engine; None picks io_uring when available.
+    pub engine: Option<EngineKind>,
+}
+
+/// Per-disk counters, shared with the workers.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    /// Requests refused because the guest's descriptors were invalid.
+    pub invalid_requests: AtomicU64,
+    /// Requests the host file failed.
+    pub io_errors: AtomicU64,
+}
+
+pub struct Block {
+    file: Arc<File>,
+    cfg: BlockConfig,
+    capacity: u64,
+    engine: EngineKind,
+    counters: Arc<BlockCounters>,
+    workers: Vec<(EventFd, JoinHandle<()>)>,
+}
+
+fn open_disk(cfg: &BlockConfig) -> Result<(File, u64), BlockError> {
+    let path = &cfg.path;
+    let err = |source| BlockError::Open {
+        path: path.clone(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(err)?;
+    let ft = meta.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(BlockError::NotAFile(path.clone()));
+    }
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(!cfg.readonly);
+    if cfg.direct {
+        opts.custom_flags(libc::O_DIRECT);
+    }
+    // Never create or truncate: the file is the user's data.
+    let file = opts.open(path).map_err(err)?;
+    let size = disk_size(&file).map_err(err)?;
+    if size < SECTOR_SIZE {
+        return Err(BlockError::Empty(path.clone()));
+    }
+    Ok((file, size))
+}
+
+fn disk_size(file: &File) -> std::io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    // Works for block devices too, where metadata().len() is 0.
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+}
+
+impl Block {
+    pub fn new(cfg: BlockConfig) -> Result<Self, BlockError> {
+        if cfg.num_queues == 0 || cfg.num_queues > 64 {
+            return Err(BlockError::Queues {
+                path: cfg.path.clone(),
+                got: u32::from(cfg.num_queues),
+                max: 64,
+            });
+        }
+        let (file, size) = open_disk(&cfg)?;
+        let engine = cfg.engine.unwrap_or_else(EngineKind::detect);
+        Ok(Block {
+            file: Arc::new(file),
+            capacity: size >> SECTOR_SHIFT,
+            engine,
+            cfg,
+            counters: Arc::default(),
+            workers: Vec::new(),
+        })
+    }
+
+    /// Capacity in 512-byte sectors (a trailing partial sector is not exposed).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.cfg.path
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 64];
+        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[34..36].copy_from_slice(&self.cfg.num_queues.to_le_bytes());
+        // Discard and write-zeroes limits (sectors) and segment counts.
+        let max = (u32::MAX >> SECTOR_SHIFT).to_le_bytes();
+        c[36..40].copy_from_slice(&max); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c[48..52].copy_from_slice(&max); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    fn stop_workers(&mut self) {
+        for (kill, handle) in self.workers.drain(..) {
+            let _ = kill.write(1);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.cfg.queue_size; usize::from(self.cfg.num_queues)]
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH;
+        if self.cfg.readonly {
+            f |= F_RO;
+        } else {
+            f |= F_DISCARD | F_WRITE_ZEROES;
+        }
+        if self.cfg.num_queues > 1 {
+            f |= F_MQ;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let io_err = |what| move |source| ActivateError::Io { what, source };
+        for (index, (queue, evt)) in ctx.queues.into_iter().enumerate() {
+            let queue_size = queue.size();
+            let engine: Box<dyn Engine> = match self.engine {
+                EngineKind::IoUring => Box::new(
+                    UringEngine::new(self.file.clone(), queue.size())
+                        .map_err(io_err("creating an io_uring"))?,
+                ),
+                EngineKind::Sync => Box::new(SyncEngine::new(self.file.clone())),
+            };
+            let kill = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+            let worker = Worker {
+                queue,
+                queue_evt: evt,
+                kill_evt: kill.try_clone().map_err(io_err("cloning an eventfd"))?,
+                mem: ctx.mem.clone(),
+                interrupt: ctx.interrupt.clone(),
+                engine,
+                disk: DiskInfo {
+                    capacity: self.capacity,
+                    readonly: self.cfg.readonly,
+                    id: self.cfg.id.clone(),
+                    file: self.file.clone(),
+                },
+                counters: self.counters.clone(),
+                reported: false,
+                inflight: vec![None; usize::from(queue_size)],
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("blk-{}-q{index}", self.cfg.id))
+                .spawn(move || worker.run())
+                .map_err(io_err("spawning a disk worker"))?;
+            self.workers.push((kill, handle));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+    }
+}
+
+struct DiskInfo {
+    capacity: u64,
+    readonly: bool,
+    id: String,
+    file: Arc<File>,
+}
+
+/// Serves one queue.
+pub struct Worker {
+    queue: Queue,
+    queue_evt: EventFd,
+    kill_evt: EventFd,
+    mem: Arc<GuestMemoryMmap>,
+    interrupt: Arc<Interrupt>,
+    engine: Box<dyn Engine>,
+    disk: DiskInfo,
+    counters: Arc<BlockCounters>,
+    /// Whether a guest error was already logged (log once, count always).
+    reported: bool,
+    /// Status-byte address of each submitted request, by descriptor head.
+    inflight: Vec<Option<GuestAddress>>,
+}
+
+const TOKEN_QUEUE: u64 = 0;
+const TOKEN_KILL: u64 = 1;
+const TOKEN_ENGINE: u64 = 2;
+
+impl Worker {
+    fn run(mut self) {
+        let Ok(epoll) = Epoll::new() else {
+            self.interrupt.signal_needs_reset();
+            return;
+        };
+        let mut fds = vec![
+            (self.queue_evt.as_raw_fd(), TOKEN_QUEUE),
+            (self.kill_evt.as_raw_fd(), TOKEN_KILL),
+        ];
+        if let Some(fd) = self.engine.completion_fd() {
+            fds.push((fd, TOKEN_ENGINE));
+        }
+        for (fd, token) in fds {
+            if epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .is_err()
+            {
+                self.interrupt.signal_needs_reset();
+                return;
+            }
+        }
+        let mut events = vec![EpollEvent::default(); 4];
+        // Requests may already be waiting (a driver that notified before we started).
+        self.process_queue();
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_KILL => return,
+                    TOKEN_QUEUE => {
+                        let _ = self.queue_evt.read();
+                        self.process_queue();
+                    }
+                    _ => self.complete(),
+                }
+            }
+        }
+    }
+
+    fn note_guest_error(&mut self, e: &ParseError) {
+        self.counters.invalid_requests.fetch_add(1, Ordering::Relaxed);
+        if !self.reported {
+            self.reported = true;
+            eprintln!(
+                "podvmm: disk {}: invalid request from the guest: {e} (further ones are only counted)",
+                self.disk.id
+            );
+        }
+    }
+
+    /// Pops every available chain, with notifications off while doing so (event index).
+    pub fn process_queue(&mut self) {
+        let mem = self.mem.clone();
+        loop {
+            if self.queue.disable_notification(mem.as_ref()).is_err() {
+                return self.broken_queue();
+            }
+            loop {
+                let chain = match self.queue.iter(mem.as_ref()) {
+                    Ok(mut it) => it.next(),
+                    Err(_) => return self.broken_queue(),
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                match request::parse(chain, mem.as_ref(), self.disk.capacity, self.disk.readonly) {
+                    Ok(req) => self.start(head, req),
+                    Err(rej) => {
+                        let status = match rej.error {
+                            ParseError::Unsupported(_) => S_UNSUPP,
+                            _ => S_IOERR,
+                        };
+                        self.note_guest_error(&rej.error);
+                        self.finish(head, rej.status_addr, status, 0);
+                    }
+                }
+            }
+            match self.queue.enable_notification(mem.as_ref()) {
+                Ok(true) => continue, // more arrived while notifications were off
+                Ok(false) => break,
+                Err(_) => return self.broken_queue(),
+            }
+        }
+        self.engine.kick();
+        self.complete();
+    }
+
+    /// The avail ring itself is corrupt: nothing sane can be served from this queue.
+    fn broken_queue(&mut self) {
+        self.note_guest_error(&ParseError::Empty);
+        self.interrupt.signal_needs_reset();
+    }
+
+    fn iovecs(&self, req: &Request) -> Option<Vec<libc::iovec>> {
+        req.data
+            .iter()
+            .map(|&(addr, len)| {
+                let slice = self.mem.get_slice(addr, len as usize).ok()?;
+                Some(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                    iov_len: len as usize,
+                })
+            })
+            .collect()
+    }
+
+    fn start(&mut self, head: u16, req: Request) {
+        let offset = req.sector << SECTOR_SHIFT;
+        let status_addr = Some(req.status_addr);
+        match req.kind {
+            RequestType::In | RequestType::Out => {
+                let Some(iovecs) = self.iovecs(&req) else {
+                    return self.finish(head, status_addr, S_IOERR, 0);
+                };
+                self.set_inflight(head, req.status_addr);
+                if req.kind == RequestType::In {
+                    self.counters.reads.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .read_bytes
+                        .fetch_add(req.data_len, Ordering::Relaxed);
+                    self.engine.submit(head, Io::Read { offset, iovecs });
+                } else {
+                    self.counters.writes.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .write_bytes
+                        .fetch_add(req.data_len, Ordering::Relaxed);
+                    self.engine.submit(head, Io::Write { offset, iovecs });
+                }
+            }
+            RequestType::Flush => {
+                self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+                if self.disk.readonly {
+                    return self.finish(head, status_addr, S_OK, 0);
+                }
+                self.set_inflight(head, req.status_addr);
+                self.engine.submit(head, Io::Flush);
+            }
+            RequestType::GetId => {
+                let mut id = [0u8; ID_BYTES as usize];
+                let n = self.disk.id.len().min(id.len());
+                id[..n].copy_from_slice(&self.disk.id.as_bytes()[..n]);
+                let (addr, _) = req.data[0];
+                let ok = if req.data[0].1 >= ID_BYTES {
+                    self.mem.write_slice(&id, addr).is_ok()
+                } else {
+                    false
+                };
+                let status = if ok { S_OK } else { S_IOERR };
+                self.finish(head, status_addr, status, if ok { ID_BYTES } else { 0 });
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                let status = match request::read_segments(&self.mem, &req, self.disk.capacity) {
+                    Ok(segs) => {
+                        let mode = if req.kind == RequestType::Discard {
+                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                        } else {
+                            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                        };
+                        let ok = segs.iter().all(|s| {
+                            // SAFETY: fallocate on our own descriptor with a range inside the disk.
+                            unsafe {
+                                libc::fallocate(
+                                    self.disk.file.as_raw_fd(),
+                                    mode,
+                                    (s.sector << SECTOR_SHIFT) as libc::off_t,
+                                    (u64::from(s.num_sectors) << SECTOR_SHIFT) as libc::off_t,
+                                ) == 0
+                            }
+                        });
+                        if ok {
+                            S_OK
+                        } else {
+                            self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+                            S_IOERR
+                        }
+                    }
+                    Err(e) => {
+                        self.note_guest_error(&e);
+                        S_IOERR
+                    }
+                };
+                self.finish(head, status_addr, status, 0);
+            }
+            RequestType::Unsupported(_) => self.finish(head, status_addr, S_UNSUPP, 0),
+        }
+    }
+
+    /// Remembers where a submitted request's status byte goes.
+    fn set_inflight(&mut self, head: u16, status_addr: GuestAddress) {
+        if let Some(slot) = self.inflight.get_mut(usize::from(head)) {
+            *slot = Some(status_addr);
+        }
+    }
+
+    fn complete(&mut self) {
+        let mut done: Vec<Completion> = Vec::new();
+        self.engine.reap(&mut done);
+        if done.is_empty() {
+            return;
+        }
+        for c in done {
+            let addr = self
+                .inflight
+                .get_mut(usize::from(c.head))
+                .and_then(Option::take);
+            if c.status == S_IOERR {
+                self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            self.write_used(c.head, addr, c.status, c.written);
+        }
+        self.notify();
+    }
+
+    /// Writes the status byte and returns the chain to the driver.
+    fn finish(&mut self, head: u16, status_addr: Option<GuestAddress>, status: u8, written: u32) {
+        self.write_used(head, status_addr, status, written);
+        self.notify();
+    }
+
+    fn write_used(
+        &mut self,
+        head: u16,
+        status_addr: Option<GuestAddress>,
+        status: u8,
+        written: u32,
+    ) {
+        let mut len = written;
+        if let Some(addr) = status_addr {
+            if self.mem.write_obj(status, addr).is_ok() {
+                len += 1;
+            }
+        }
+        if self.queue.add_used(self.mem.as_ref(), head, len).is_err() {
+            self.broken_queue();
+        }
+    }
+
+    fn notify(&mut self) {
+        match self.queue.needs_notification(self.mem.as_ref()) {
+            Ok(true) => self.interrupt.signal_used(),
+            Ok(false) => {}
+            Err(_) => self.broken_queue(),
+        }
+    }
+}

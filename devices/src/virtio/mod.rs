@@ -1,0 +1,148 @@
+//! virtio devices and their virtio-mmio (version 2) transport.
+//!
+//! A device implements [`VirtioDevice`]: its identity, features, configuration space, and
+//! what to do once the driver has set it up ([`VirtioDevice::activate`]). The transport in
+//! [`mmio`] owns the register file, the queues' set-up and the interrupt status; the VMM puts
+//! it on the MMIO bus, registers each queue's notify `EventFd` as an ioeventfd and the
+//! interrupt `EventFd` as an irqfd, so a request costs no exit to user space on the vCPU.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use mmio::MmioTransport;
+
+/// Feature bits common to every device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Device status bits (virtio 1.x, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// Device type ids.
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Interrupt status bits (MMIO `InterruptStatus`).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// The device's interrupt line: a status word the driver reads and acknowledges, and the
+/// `EventFd` the VMM wired to the guest interrupt controller.
+pub struct Interrupt {
+    status: AtomicU32,
+    evt: EventFd,
+    /// Set by a device that met input it cannot recover from; the transport shows it as
+    /// DEVICE_NEEDS_RESET.
+    needs_reset: std::sync::atomic::AtomicBool,
+}
+
+impl Interrupt {
+    pub fn new(evt: EventFd) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            evt,
+            needs_reset: Default::default(),
+        }
+    }
+
+    /// Tells the driver that used buffers are available.
+    pub fn signal_used(&self) {
+        self.raise(INT_USED_RING);
+    }
+
+    /// Tells the driver the device needs a reset (a configuration-change interrupt).
+    pub fn signal_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        // Fails only if the counter would overflow: an interrupt is pending anyway.
+        let _ = self.evt.write(1);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct ActivateContext {
+    pub mem: Arc<GuestMemoryMmap>,
+    /// The queues the driver enabled, in order, each with its notify event.
+    pub queues: Vec<(Queue, EventFd)>,
+    pub interrupt: Arc<Interrupt>,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not ready or not valid")]
+    BadQueue(usize),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Features offered to the driver (must include VIRTIO_F_VERSION_1).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (most devices ignore writes).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts serving the queues.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops serving (driver reset); the device must be ready to be activated again.
+    fn reset(&mut self);
+}
+
+/// Copies the bytes of `config` at `offset` into `data`, or zeroes where out of range.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
