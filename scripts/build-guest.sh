@@ -123,9 +123,9 @@ if [[ ! -f $KSRC/Makefile ]]; then
     mv "$SRC_ROOT.tmp" "$SRC_ROOT"
 fi
 
-# Reproducible-build knobs (uname -v shows the key instead of a date).
+# Reproducible-build knobs (uname -v shows the kernel key instead of a date).
 export KBUILD_BUILD_USER=podvmm KBUILD_BUILD_HOST=guest-kit
-export KBUILD_BUILD_TIMESTAMP="podvmm-guest-$KEY"
+export KBUILD_BUILD_TIMESTAMP="podvmm-guest-kernel-$KKEY"
 KMAKE=(make -s -C "$KSRC" ARCH=x86_64)
 
 # Generate .config in $1: tinyconfig + fragment, resolved by olddefconfig, then
@@ -168,7 +168,7 @@ if [[ $MODE == config-only ]]; then
 fi
 
 # -------------------------------------------------------------------- build --
-# Every cache entry is built in a *.tmp.<pid> directory and renamed into place
+# Every cache entry is built under tmp.<pid>/ and renamed into place
 # when complete, so an interrupted run leaves no half-written entry.
 WORK="$CACHE/tmp.$$"
 trap 'rm -rf "$WORK"' EXIT
