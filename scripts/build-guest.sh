@@ -90,6 +90,9 @@ file_is_static "$BUSYBOX" || die "$BUSYBOX is dynamically linked (need busybox-s
 
 SRC_VERSION=$(dpkg-query -W -f='${Version}' "$SRC_PKG")
 BB_VERSION=$(dpkg-query -W -f='${Version}' busybox-static)
+# The guest agent (agent/, /sbin/podvmm-agent in the initramfs): its key covers its sources,
+# Cargo.lock and rustc; it is built (scripts/build-agent.sh) only when the initramfs is.
+AGENT_KEY=$("$REPO/scripts/build-agent.sh" --print-key)
 
 # -------------------------------------------------------------- cache keys --
 # The result key covers everything the outputs depend on: the config fragment,
@@ -100,14 +103,14 @@ hash16() { sha256sum | cut -c1-16; }
 SCRIPT_SUM=$(sha256sum <"$SCRIPT_PATH")
 KKEY=$(printf 'fragment %s\nscript %s\n%s %s\n' "$(sha256sum <"$FRAGMENT")" \
     "$SCRIPT_SUM" "$SRC_PKG" "$SRC_VERSION" | hash16)
-IKEY=$(printf 'init %s\nscript %s\nbusybox-static %s\n' "$(sha256sum <"$INIT")" \
-    "$SCRIPT_SUM" "$BB_VERSION" | hash16)
+IKEY=$(printf 'init %s\nscript %s\nbusybox-static %s\nagent %s\n' "$(sha256sum <"$INIT")" \
+    "$SCRIPT_SUM" "$BB_VERSION" "$AGENT_KEY" | hash16)
 KEY=$(printf 'kernel %s\ninitramfs %s\n' "$KKEY" "$IKEY" | hash16)
 if [[ $MODE == print-key ]]; then
     echo "$KEY"
     exit 0
 fi
-log "cache key $KEY (kernel $KKEY: $SRC_PKG $SRC_VERSION; initramfs $IKEY: busybox-static $BB_VERSION)"
+log "cache key $KEY (kernel $KKEY: $SRC_PKG $SRC_VERSION; initramfs $IKEY: busybox-static $BB_VERSION, agent $AGENT_KEY)"
 
 # --------------------------------------------------- unpacked kernel source --
 # Shared by all keys of the same linux-source version; never built in (all
@@ -203,8 +206,10 @@ IDIR="$CACHE/initramfs/$IKEY"
 if [[ -f $IDIR/done ]]; then
     log "initramfs: cache hit ($IDIR)"
 else
-    log "initramfs: busybox-static $BB_VERSION + resources/guest/init"
+    log "initramfs: busybox-static $BB_VERSION + resources/guest/init + podvmm-agent"
     mkdir -p "$WORK/initramfs" "$CACHE/initramfs"
+    agent_bin=$("$REPO/scripts/build-agent.sh") || die "building the guest agent failed"
+    cp "$agent_bin" "$WORK/podvmm-agent"
     # The kernel's own cpio writer: needs no root for device nodes, and with
     # -t 0 (fixed mtimes) the archive is byte-for-byte reproducible.
     gcc -O2 -o "$WORK/gen_init_cpio" "$KSRC/usr/gen_init_cpio.c"
@@ -219,6 +224,7 @@ else
         echo "nod /dev/null 0666 0 0 c 1 3"
         echo "file /bin/busybox $BUSYBOX 0755 0 0"
         echo "file /init $INIT 0755 0 0"
+        echo "file /sbin/podvmm-agent $WORK/podvmm-agent 0755 0 0"
         "$BUSYBOX" --list-full | sort | while read -r applet; do
             [[ $applet == bin/busybox ]] && continue
             echo "slink /$applet /bin/busybox 0777 0 0"

@@ -4,6 +4,12 @@
 set -euo pipefail
 PKGS=(
     qemu-system-x86 # the side-by-side VMM in benches/tiny_run.rs
+    fio             # host-side figure next to the in-VM IOPS in benches/testguest_io.rs and benches/blk_iops.rs
+    fdisk           # sfdisk: the partitioned disk of tests/linux_blk.rs
+    e2fsprogs       # mkfs.ext4, e2fsck, debugfs, dumpe2fs: the ext4 root of tests/linux_blk.rs
+    dnsmasq-base    # DHCP server for the guest in tests/net_linux.rs
+    iputils-arping  # ARP check of the guest in tests/net_linux.rs
+    iputils-ping    # ICMP check of the guest in tests/net_linux.rs
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,10 +1,18 @@
 //! `podvmm`: boots a guest kernel directly on KVM (or MSHV), Cloud Hypervisor style options.
 
+mod agent_cmd;
+mod remote;
+mod serve;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use api::{ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, PayloadConfig, VmConfig};
-use clap::Parser;
+use api::pod::Explicit;
+use api::{
+    ConsoleConfig, ContainerLimits, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
+    VmConfig, VsockConfig,
+};
+use clap::{Parser, Subcommand};
 use hypervisor::Selection;
 use vmm::ExitReason;
 
@@ -12,23 +20,27 @@ use vmm::ExitReason;
 #[command(
     name = "podvmm",
     version,
-    about = "A lean VMM for Kubernetes pod sandboxes"
+    about = "A lean VMM for Kubernetes pod sandboxes",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
-    /// Guest kernel: a PVH ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Guest kernel: a PVH ELF vmlinux or a bzImage (required unless --api-socket is given).
+    #[arg(long, value_name = "PATH", required_unless_present = "api_socket")]
+    kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed) handed to the kernel.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", requires = "kernel")]
     initramfs: Option<PathBuf>,
     /// Kernel command line [default: "console=ttyS0 reboot=k"].
-    #[arg(long, value_name = "STRING")]
+    #[arg(long, value_name = "STRING", requires = "kernel")]
     cmdline: Option<String>,
-    /// vCPUs: boot=N[,max=N] [default: boot=1].
-    #[arg(long, value_name = "boot=N", value_parser = |s: &str| CpusConfig::parse(s).map_err(|e| e.to_string()))]
+    /// vCPUs: boot=N[,max=N] [default: boot=1, or sized from --pod-limits].
+    #[arg(long, value_name = "boot=N", requires = "kernel", value_parser = |s: &str| CpusConfig::parse(s).map_err(|e| e.to_string()))]
     cpus: Option<CpusConfig>,
-    /// Guest memory: size=SIZE with a K/M/G suffix [default: size=2G].
-    #[arg(long, value_name = "size=SIZE", value_parser = |s: &str| MemoryConfig::parse(s).map_err(|e| e.to_string()))]
+    /// Guest memory: size=SIZE with a K/M/G suffix [default: size=2G, or sized from --pod-limits].
+    #[arg(long, value_name = "size=SIZE", requires = "kernel", value_parser = |s: &str| MemoryConfig::parse(s).map_err(|e| e.to_string()))]
     memory: Option<MemoryConfig>,
     /// Serial console (COM1): tty, off, null or file=PATH.
     #[arg(long, value_name = "MODE", default_value = "tty", value_parser = |s: &str| ConsoleConfig::parse(s).map_err(|e| e.to_string()))]
@@ -37,18 +49,47 @@ struct Cli {
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = |s: &str| ConsoleConfig::parse(s).map_err(|e| e.to_string()))]
     console: ConsoleConfig,
     /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=NAME] (repeatable).
-    #[arg(long, value_name = "path=FILE,...", value_parser = |s: &str| DiskConfig::parse(s).map_err(|e| e.to_string()))]
+    #[arg(long, value_name = "path=FILE,...", requires = "kernel", value_parser = |s: &str| DiskConfig::parse(s).map_err(|e| e.to_string()))]
     disk: Vec<DiskConfig>,
+    /// A virtio-net interface over a TAP: tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,num_queues=N]
+    /// [,queue_size=N][,id=NAME][,deny=CIDR]... (repeatable; deny may repeat too).
+    #[arg(long, value_name = "tap=NAME,...", requires = "kernel", value_parser = |s: &str| NetConfig::parse(s).map_err(|e| e.to_string()))]
+    net: Vec<NetConfig>,
+    /// One container's resource limits as Kubernetes quantities, cpu=1500m,memory=1Gi
+    /// (repeatable): the VM gets ceil(1 + Σcpu) vCPUs and 2048 MiB + Σmemory, unless
+    /// --cpus/--memory say otherwise.
+    #[arg(long = "pod-limits", value_name = "cpu=Q,memory=Q", requires = "kernel", value_parser = |s: &str| ContainerLimits::parse(s).map_err(|e| e.to_string()))]
+    pod_limits: Vec<ContainerLimits>,
+    /// A virtio-vsock device, hybrid vsock over a Unix socket: cid=N,socket=PATH[,id=NAME].
+    /// The host reaches guest port P by connecting to PATH and writing "CONNECT P\n";
+    /// guest connections to host port N go to PATH_N (docs/vsock.md).
+    #[arg(long, value_name = "cid=N,socket=PATH", requires = "kernel", value_parser = |s: &str| VsockConfig::parse(s).map_err(|e| e.to_string()))]
+    vsock: Option<VsockConfig>,
+    /// Write timestamped VMM and guest events (booted, agent ready...) as JSON lines: path=FILE.
+    #[arg(long = "event-monitor", value_name = "path=FILE", value_parser = |s: &str| vmm::event_monitor::parse_option(s).map_err(|e| e.to_string()))]
+    event_monitor: Option<PathBuf>,
+    /// Serve Cloud Hypervisor's REST API on this Unix socket (mode 0600). Alone, the VMM
+    /// waits for vm.create; with --kernel, the VM is created and booted at start-up.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Hypervisor backend: auto (/dev/mshv if present, else /dev/kvm), kvm or mshv.
     #[arg(long, value_name = "auto|kvm|mshv", default_value = "auto")]
     hypervisor: Selection,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Talk to a running podvmm's API socket (like Cloud Hypervisor's ch-remote).
+    Remote(remote::RemoteArgs),
+    /// Talk to the guest agent through a VM's vsock socket: ping, exec, info, poweroff.
+    Agent(agent_cmd::AgentArgs),
 }
 
 impl Cli {
     fn vm_config(&self) -> VmConfig {
         VmConfig {
             payload: PayloadConfig {
-                kernel: Some(self.kernel.clone()),
+                kernel: self.kernel.clone(),
                 initramfs: self.initramfs.clone(),
                 cmdline: self.cmdline.clone(),
             },
@@ -57,15 +98,51 @@ impl Cli {
             serial: self.serial.clone(),
             console: self.console.clone(),
             disks: (!self.disk.is_empty()).then(|| self.disk.clone()),
-            net: None,
-            vsock: None,
+            net: (!self.net.is_empty()).then(|| self.net.clone()),
+            vsock: self.vsock.clone(),
+            pod: (!self.pod_limits.is_empty()).then(|| api::PodConfig {
+                containers: self.pod_limits.clone(),
+            }),
+        }
+    }
+
+    /// Which sizes were given on the command line (they win over --pod-limits).
+    fn explicit(&self) -> Explicit {
+        Explicit {
+            cpus: self.cpus.is_some(),
+            memory: self.memory.is_some(),
         }
     }
 }
 
 fn main() -> ExitCode {
+    vmm::event_monitor::mark_start();
     let cli = Cli::parse();
-    match vmm::run(&cli.vm_config(), cli.hypervisor) {
+    if let Some(Command::Remote(args)) = &cli.command {
+        return remote::run(args);
+    }
+    if let Some(Command::Agent(args)) = &cli.command {
+        return agent_cmd::run(args);
+    }
+    if let Some(path) = &cli.event_monitor {
+        if let Err(e) = vmm::event_monitor::start(path) {
+            eprintln!("podvmm: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(socket) = &cli.api_socket {
+        let initial = cli
+            .kernel
+            .is_some()
+            .then(|| (cli.vm_config(), cli.explicit()));
+        return serve::run(socket, initial, cli.hypervisor);
+    }
+    let mut config = cli.vm_config();
+    if let Err(e) = api::pod::apply(&mut config, cli.explicit()) {
+        eprintln!("podvmm: error: {e}");
+        return ExitCode::FAILURE;
+    }
+    match vmm::run(&config, cli.hypervisor) {
         Ok(ExitReason::Reset) | Ok(ExitReason::Shutdown) => ExitCode::SUCCESS,
         Ok(ExitReason::TripleFault) => {
             eprintln!("podvmm: guest stopped: triple fault (the guest crashed, or rebooted with reboot=t)");

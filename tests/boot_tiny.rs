@@ -318,3 +318,22 @@ fn triple_fault_is_reported_as_a_crash() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("triple fault"), "{}", stderr(&out));
 }
+
+#[test]
+fn missing_dev_kvm_is_reported() {
+    // A private mount namespace whose /dev is empty: neither /dev/kvm nor /dev/mshv.
+    let dir = TempDir::new("nokvm");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code()));
+    let script = r#"mount -t tmpfs none /dev && exec "$0" --kernel "$1""#;
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(podvmm_bin())
+        .arg(&kernel)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run unshare (needs root)");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("neither /dev/mshv nor /dev/kvm exists"), "{err}");
+}

@@ -179,6 +179,9 @@ pub struct VmConfig {
     pub net: Option<Vec<crate::NetConfig>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<crate::VsockConfig>,
+    /// The pod's containers' resource limits; the VM is sized from them (`crate::pod`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<crate::PodConfig>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

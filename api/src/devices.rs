@@ -116,6 +116,64 @@ pub struct NetConfig {
     /// TAP file descriptors received over the API socket (SCM_RIGHTS); never from JSON.
     #[serde(skip)]
     pub fds: Vec<i32>,
+    /// Egress deny list (a podvmm extension): guest IPv4 frames to these networks are
+    /// dropped and counted in the VMM, e.g. `["169.254.169.254/32"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<Ipv4Cidr>,
+}
+
+/// An IPv4 network `a.b.c.d/n`, written as that string in JSON. Host bits must be zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Ipv4Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("'{s}' is not a.b.c.d/n"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("'{addr}' is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= 32)
+            .ok_or_else(|| format!("prefix '{prefix}' is not 0 to 32"))?;
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        let network = Ipv4Addr::from(u32::from(addr) & mask);
+        if network != addr {
+            return Err(format!(
+                "{s} has host bits set (did you mean {network}/{prefix}?)"
+            ));
+        }
+        Ok(Ipv4Cidr { addr, prefix })
+    }
+}
+
+impl TryFrom<String> for Ipv4Cidr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Ipv4Cidr> for String {
+    fn from(c: Ipv4Cidr) -> String {
+        c.to_string()
+    }
+}
+
+impl std::fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
@@ -139,10 +197,35 @@ pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
 
 impl NetConfig {
     /// `tap=NAME[,mac=MAC][,ip=IP,mask=MASK][,num_queues=N][,queue_size=N][,id=NAME]`
+    /// `[,deny=CIDR]...` (`deny` may repeat).
     pub fn parse(s: &str) -> Result<Self, OptionError> {
+        // `deny` is the one key that may repeat: take it out before the key=value map.
+        let (deny, rest): (Vec<&str>, Vec<&str>) =
+            s.split(',').partition(|p| p.starts_with("deny="));
+        let deny = deny
+            .into_iter()
+            .map(|p| {
+                let v = &p["deny=".len()..];
+                v.parse::<Ipv4Cidr>()
+                    .map_err(|reason| OptionError::InvalidValue {
+                        key: "deny".into(),
+                        value: v.to_string(),
+                        reason,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let m = OptionMap::parse(
-            s,
-            &["tap", "mac", "ip", "mask", "num_queues", "queue_size", "id"],
+            &rest.join(","),
+            &[
+                "tap",
+                "mac",
+                "ip",
+                "mask",
+                "num_queues",
+                "queue_size",
+                "id",
+                "deny",
+            ],
         )?;
         let ip = |k| m.parse_with(k, |v| v.parse::<Ipv4Addr>().map_err(|e| e.to_string()));
         m.parse_with("mac", parse_mac)?;
@@ -165,6 +248,7 @@ impl NetConfig {
                 .unwrap_or(default_net_queue_size()),
             id: m.get("id").map(str::to_string),
             fds: Vec::new(),
+            deny,
         })
     }
 }
@@ -248,6 +332,32 @@ mod tests {
             assert!(NetConfig::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_mac("02:ab:CD:00:00:01").unwrap()[1], 0xab);
+    }
+
+    #[test]
+    fn net_deny_list() {
+        let n = NetConfig::parse("tap=t,deny=169.254.169.254/32,id=n,deny=10.96.0.0/12").unwrap();
+        let shown: Vec<String> = n.deny.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["169.254.169.254/32", "10.96.0.0/12"]);
+        assert_eq!(n.id.as_deref(), Some("n"));
+        for bad in [
+            "tap=t,deny=169.254.169.254",
+            "tap=t,deny=10.0.0.1/8",
+            "tap=t,deny=10.0.0.0/33",
+            "tap=t,deny=fe80::/10",
+            "tap=t,deny=",
+        ] {
+            let e = NetConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("deny"), "{bad}: {e}");
+        }
+        let json: NetConfig =
+            serde_json::from_str(r#"{"tap":"t","deny":["169.254.169.254/32"]}"#).unwrap();
+        assert_eq!(json.deny, n.deny[..1]);
+        assert!(serde_json::from_str::<NetConfig>(r#"{"deny":["1.2.3.4/8"]}"#).is_err());
+        let back = serde_json::to_string(&json).unwrap();
+        assert!(back.contains(r#""deny":["169.254.169.254/32"]"#), "{back}");
+        let plain = serde_json::to_string(&NetConfig::parse("tap=t").unwrap()).unwrap();
+        assert!(!plain.contains("deny"), "{plain}");
     }
 
     #[test]

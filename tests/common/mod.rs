@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod testguest;
+
 /// Where guests are loaded; the boot protocols require at least 1 MiB.
 pub const LOAD_ADDR: u64 = 0x10_0000;
 

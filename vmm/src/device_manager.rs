@@ -4,9 +4,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use api::{DiskConfig, VmConfig};
+use api::{DiskConfig, NetConfig, VmConfig, VsockConfig};
+use devices::virtio::block::engine::EngineKind;
 use devices::virtio::block::{Block, BlockConfig, BlockCounters, BlockError};
 use devices::virtio::mmio::{MMIO_WINDOW, NOTIFY_OFFSET};
+use devices::virtio::net::{
+    format_mac, HostEnd, Ipv4Net, Net, NetCounters, NetDeviceConfig, NetError, MAX_QUEUE_PAIRS,
+};
+use devices::virtio::vsock::{
+    EventSink, Vsock, VsockConfig as VsockDeviceConfig, VsockError, VsockEvent, VsockHandle,
+    VsockOptions,
+};
 use devices::virtio::{MmioTransport, VirtioDevice};
 use devices::Bus;
 use hypervisor::IoEventAddress;
@@ -20,7 +28,9 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 
 /// Legacy interrupt lines free for virtio devices: not the PIT (0), keyboard (1),
 /// cascade (2), COM2/COM1 (3, 4), RTC (8) or the FPU (13).
-const VIRTIO_IRQS: &[u32] = &[5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
+const VIRTIO_IRQS: &[u32] = &[
+    5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -30,6 +40,14 @@ pub enum DeviceError {
     TooMany(usize),
     #[error("disk {path}: {what}")]
     DiskOption { path: String, what: String },
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error("vsock: only one vsock device per VM")]
+    SecondVsock,
+    #[error("net {id}: {what}")]
+    NetOption { id: String, what: String },
     #[error("wiring a virtio device: {0}")]
     Hypervisor(#[source] hypervisor::Error),
     #[error("virtio transport: {0}")]
@@ -43,11 +61,24 @@ pub struct DiskInfo {
     pub counters: Arc<BlockCounters>,
 }
 
+/// A network interface as the VMM reports it.
+pub struct NetInfo {
+    pub id: String,
+    /// The TAP's name on the host (as the kernel named it).
+    pub tap: Option<String>,
+    /// The guest's MAC address.
+    pub mac: String,
+    pub counters: Arc<NetCounters>,
+}
+
 #[derive(Default)]
 pub struct DeviceManager {
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     cmdline: Vec<String>,
     pub disks: Vec<DiskInfo>,
+    pub nets: Vec<NetInfo>,
+    /// The vsock device: its socket (removed when this is dropped) and the agent's ready time.
+    pub vsock: Option<VsockHandle>,
 }
 
 impl DeviceManager {
@@ -60,6 +91,13 @@ impl DeviceManager {
         let mut dm = DeviceManager::default();
         for (i, disk) in config.disks.iter().flatten().enumerate() {
             let block = Block::new(block_config(disk, i)?).map_err(DeviceError::from)?;
+            if block.engine() != EngineKind::IoUring {
+                eprintln!(
+                    "podvmm: note: disk {}: io_uring is not available here (kernel, seccomp or \
+                     io_uring_disabled); using synchronous I/O, one request at a time per queue",
+                    block.path().display()
+                );
+            }
             dm.disks.push(DiskInfo {
                 id: disk.id.clone().unwrap_or_else(|| format!("disk{i}")),
                 engine: block.engine().name(),
@@ -67,7 +105,78 @@ impl DeviceManager {
             });
             dm.add(vm, mem, mmio, Box::new(block))?;
         }
+        for net in config.net.iter().flatten() {
+            dm.add_net(vm, mem, mmio, net)?;
+        }
+        if let Some(vsock) = &config.vsock {
+            dm.add_vsock(vm, mem, mmio, vsock)?;
+        }
         Ok(dm)
+    }
+
+    /// Binds the hybrid vsock socket (so it exists before the guest runs) and wires a
+    /// virtio-vsock device for it. Its events go to the event monitor.
+    pub fn add_vsock(
+        &mut self,
+        vm: &dyn hypervisor::Vm,
+        mem: &Arc<GuestMemoryMmap>,
+        mmio: &Bus,
+        cfg: &VsockConfig,
+    ) -> Result<()> {
+        if self.vsock.is_some() {
+            return Err(DeviceError::SecondVsock.into());
+        }
+        let cid = u64::from(cfg.cid);
+        let events: EventSink = Arc::new(move |e| match e {
+            VsockEvent::DriverReady => crate::event_monitor::emit(
+                "vsock",
+                "device_activated",
+                serde_json::json!({"device": "vsock", "cid": cid}),
+            ),
+            VsockEvent::AgentReady { first } => crate::event_monitor::emit(
+                "vsock",
+                "agent_ready",
+                serde_json::json!({"first": first, "port": devices::virtio::vsock::AGENT_PORT}),
+            ),
+            VsockEvent::ConnectRefused { port } => crate::event_monitor::emit(
+                "vsock",
+                "vsock_connect_refused",
+                serde_json::json!({"port": port, "retrying": true}),
+            ),
+        });
+        let (device, handle) = Vsock::new(VsockDeviceConfig {
+            cid,
+            socket: cfg.socket.clone(),
+            options: VsockOptions::default(),
+            events: Some(events),
+        })
+        .map_err(DeviceError::from)?;
+        self.add(vm, mem, mmio, Box::new(device))?;
+        self.vsock = Some(handle);
+        Ok(())
+    }
+
+    /// Opens the interface's TAP (or takes its fds) and wires a virtio-net device for it.
+    pub fn add_net(
+        &mut self,
+        vm: &dyn hypervisor::Vm,
+        mem: &Arc<GuestMemoryMmap>,
+        mmio: &Bus,
+        net: &NetConfig,
+    ) -> Result<()> {
+        let device = Net::new(net_config(net, self.nets.len())?).map_err(DeviceError::from)?;
+        let info = NetInfo {
+            id: net
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("net{}", self.nets.len())),
+            tap: device.tap_name().map(str::to_string),
+            mac: format_mac(&device.mac()),
+            counters: device.counters(),
+        };
+        self.add(vm, mem, mmio, Box::new(device))?;
+        self.nets.push(info);
+        Ok(())
     }
 
     /// Kernel parameters announcing the devices.
@@ -117,7 +226,12 @@ fn block_config(disk: &DiskConfig, index: usize) -> Result<BlockConfig> {
     let num_queues = u16::try_from(disk.num_queues)
         .ok()
         .filter(|n| (1..=64).contains(n))
-        .ok_or_else(|| bad(format!("num_queues must be 1 to 64, not {}", disk.num_queues)))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "num_queues must be 1 to 64, not {}",
+                disk.num_queues
+            ))
+        })?;
     if !disk.queue_size.is_power_of_two() {
         return Err(bad(format!(
             "queue_size must be a power of two, not {}",
@@ -133,5 +247,58 @@ fn block_config(disk: &DiskConfig, index: usize) -> Result<BlockConfig> {
         queue_size: disk.queue_size,
         id: disk.id.clone().unwrap_or_else(|| format!("disk{index}")),
         engine: None,
+    })
+}
+
+fn net_config(net: &NetConfig, index: usize) -> Result<NetDeviceConfig> {
+    let id = net.id.clone().unwrap_or_else(|| format!("net{index}"));
+    let bad = |what: String| DeviceError::NetOption {
+        id: id.clone(),
+        what,
+    };
+    // With TAP fds, the fds say how many queue pairs there are (num_queues may be left out).
+    let num_queues = match net.fds.len() {
+        n if n > 0 && net.num_queues == 2 => 2 * n as u32,
+        _ => net.num_queues,
+    };
+    let max = 2 * u32::from(MAX_QUEUE_PAIRS);
+    if num_queues % 2 != 0 || !(2..=max).contains(&num_queues) {
+        return Err(bad(format!(
+            "num_queues must be an even number from 2 to {max}, not {num_queues}"
+        ))
+        .into());
+    }
+    let mac = net
+        .mac
+        .as_deref()
+        .map(api::parse_mac)
+        .transpose()
+        .map_err(|e| bad(format!("mac: {e}")))?;
+    let host_addr = match (net.ip, net.mask) {
+        (Some(ip), mask) => Some((
+            ip,
+            mask.unwrap_or(std::net::Ipv4Addr::new(255, 255, 255, 0)),
+        )),
+        (None, Some(_)) => return Err(bad("mask given without ip".into()).into()),
+        (None, None) => None,
+    };
+    let deny = net
+        .deny
+        .iter()
+        .map(|c| Ipv4Net::new(c.addr, c.prefix).map_err(|e| bad(format!("deny: {e}"))))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let host = if net.fds.is_empty() {
+        HostEnd::Name(net.tap.clone())
+    } else {
+        HostEnd::Fds(net.fds.clone())
+    };
+    Ok(NetDeviceConfig {
+        id,
+        host,
+        mac,
+        host_addr,
+        queue_pairs: (num_queues / 2) as u16,
+        queue_size: net.queue_size,
+        deny,
     })
 }

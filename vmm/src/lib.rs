@@ -3,9 +3,13 @@
 //! Threads: the caller's thread builds the VM and then waits for the first exit event;
 //! one thread per vCPU runs the guest and dispatches its I/O to the buses; when the serial
 //! console is on a terminal, one thread forwards keyboard input to the UART.
+//! Under the REST API, [`control::Vmm`] is the VMM thread: it owns the VM, boots it without
+//! blocking (`Vm::start`), pauses, resumes and stops its vCPU threads, and answers requests.
 
+pub mod control;
 pub mod device_manager;
 mod emulation;
+pub mod event_monitor;
 mod memory;
 mod vcpu;
 mod vm;

@@ -7,17 +7,24 @@ use hypervisor::{Vcpu, VcpuExit};
 use vm_memory::GuestMemoryMmap;
 
 use crate::emulation::{self, Completion};
+use crate::vm::lifecycle::VcpuControl;
 use crate::vm::{ExitReason, ExitState, IoHandler};
 
 pub(crate) struct VcpuContext {
     pub io: Arc<IoHandler>,
     pub mem: Arc<GuestMemoryMmap>,
     pub exit: Arc<ExitState>,
+    /// Pause and stop requests from the VMM thread.
+    pub control: Arc<VcpuControl>,
 }
 
 pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
     let id = vcpu.id();
     let reason = loop {
+        // Parks here while the VM is paused; false when the VMM is tearing the VM down.
+        if !ctx.control.checkpoint() {
+            return;
+        }
         match vcpu.run(ctx.io.as_ref()) {
             Ok(VcpuExit::Continue) => {}
             Ok(VcpuExit::Reset) => break ExitReason::Reset,

@@ -12,7 +12,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::DeviceManager;
-use crate::{memory, vcpu, Error, Result};
+use crate::{memory, Error, Result};
+
+pub(crate) mod lifecycle;
 
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,24 +75,44 @@ impl ExitState {
 pub(crate) struct IoHandler {
     pub pio: Bus,
     pub mmio: Bus,
+    /// Set at the first I/O exit: the event monitor's `kernel_started`.
+    pub first_io: std::sync::atomic::AtomicBool,
+}
+
+impl IoHandler {
+    /// One relaxed load per exit; the first one records `kernel_started`.
+    fn note_io(&self, kind: &str, addr: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.first_io.load(Relaxed) && !self.first_io.swap(true, Relaxed) {
+            crate::event_monitor::emit(
+                "vmm",
+                "kernel_started",
+                serde_json::json!({"observed": "first guest I/O exit", "kind": kind, "addr": addr}),
+            );
+        }
+    }
 }
 
 impl VmOps for IoHandler {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.note_io("pio", u64::from(port));
         // Nothing at that port: the bus floats high, as on a PC.
         if !self.pio.read(u64::from(port), data) {
             data.fill(0xff);
         }
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
+        self.note_io("pio", u64::from(port));
         self.pio.write(u64::from(port), data);
     }
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.note_io("mmio", addr);
         if !self.mmio.read(addr, data) {
             data.fill(0xff);
         }
     }
     fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.note_io("mmio", addr);
         self.mmio.write(addr, data);
     }
 }
@@ -107,6 +129,12 @@ pub struct Vm {
     forward_stdin: bool,
     boot: BootInfo,
     devices: DeviceManager,
+    /// The command line the guest received.
+    cmdline: String,
+    /// The vCPU threads once started, and how to pause and stop them (`lifecycle`).
+    threads: lifecycle::VcpuThreads,
+    /// When the vCPUs were started (`vm_booted`).
+    booted_at: Option<std::time::Instant>,
 }
 
 impl Vm {
@@ -119,17 +147,6 @@ impl Vm {
             .kernel
             .as_deref()
             .ok_or(api::ValidationError::NoKernel)?;
-        for (present, what) in [
-            (
-                config.net.as_ref().is_some_and(|n| !n.is_empty()),
-                "net (virtio-net)",
-            ),
-            (config.vsock.is_some(), "vsock (virtio-vsock)"),
-        ] {
-            if present {
-                return Err(Error::Limit(format!("{what}: not implemented yet")));
-            }
-        }
         let hv = hypervisor::new(selection)?;
         let num_cpus = config.cpus.boot_vcpus;
         let max = hv.max_vcpus().min(boot::mptable::MAX_CPUS);
@@ -176,7 +193,11 @@ impl Vm {
         )?;
         let mmio = Bus::new();
         let devices = DeviceManager::new(vm.as_ref(), &mem, &mmio, config)?;
-        let io = Arc::new(IoHandler { pio, mmio });
+        let io = Arc::new(IoHandler {
+            pio,
+            mmio,
+            first_io: Default::default(),
+        });
 
         let cmdline = match devices.cmdline() {
             extra if extra.is_empty() => config.cmdline().to_string(),
@@ -207,6 +228,11 @@ impl Vm {
                 boot::cpuid::clearcpuid_param()
             );
         }
+        crate::event_monitor::emit(
+            "vmm",
+            "vm_created",
+            serde_json::json!({"vcpus": num_cpus, "memory": config.memory.size}),
+        );
         Ok(Vm {
             _hypervisor: hv,
             _vm: vm,
@@ -218,6 +244,9 @@ impl Vm {
             forward_stdin: config.serial.mode == ConsoleOutputMode::Tty && stdin_is_tty(),
             boot,
             devices,
+            cmdline,
+            threads: Default::default(),
+            booted_at: None,
         })
     }
 
@@ -231,34 +260,20 @@ impl Vm {
         self.boot
     }
 
-    /// Starts the vCPUs and waits until the guest stops. vCPU threads still in the guest when
-    /// this returns end with the process.
+    /// Milliseconds from the boot (vCPUs started) to the guest agent's ready signal on the
+    /// vsock device; None before it (or without a vsock device).
+    pub fn agent_ready_ms(&self) -> Option<u64> {
+        let ready = self.devices.vsock.as_ref()?.agent_ready()?;
+        let booted = self.booted_at?;
+        Some(ready.saturating_duration_since(booted).as_millis() as u64)
+    }
+
+    /// Starts the vCPUs, waits until the guest stops, then stops and joins the vCPU threads.
     pub fn run(mut self) -> Result<ExitReason> {
-        for vcpu in self.vcpus.drain(..) {
-            let ctx = vcpu::VcpuContext {
-                io: self.io.clone(),
-                mem: self.mem.clone(),
-                exit: self.exit.clone(),
-            };
-            thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || vcpu::run(vcpu, ctx))
-                .map_err(|source| Error::Io {
-                    what: "spawning a vCPU thread",
-                    source,
-                })?;
-        }
-        if self.forward_stdin {
-            let serial = self.serial.clone();
-            thread::Builder::new()
-                .name("stdin".into())
-                .spawn(move || forward_stdin(serial))
-                .map_err(|source| Error::Io {
-                    what: "spawning the console input thread",
-                    source,
-                })?;
-        }
-        Ok(self.exit.wait())
+        self.start()?;
+        let reason = self.wait();
+        self.stop();
+        Ok(reason)
     }
 }
 
@@ -267,14 +282,17 @@ fn stdin_is_tty() -> bool {
     unsafe { libc::isatty(libc::STDIN_FILENO) == 1 }
 }
 
-/// Feeds terminal input to the UART until stdin closes.
-fn forward_stdin(serial: Arc<Mutex<Serial>>) {
+/// Feeds terminal input to the UART until stdin closes or the VM is gone.
+fn forward_stdin(serial: std::sync::Weak<Mutex<Serial>>) {
     let mut stdin = std::io::stdin();
     let mut buf = [0u8; 64];
     while let Ok(n) = stdin.read(&mut buf) {
         if n == 0 {
             return;
         }
+        let Some(serial) = serial.upgrade() else {
+            return;
+        };
         let mut pending = &buf[..n];
         while !pending.is_empty() {
             let taken = serial

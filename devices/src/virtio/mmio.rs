@@ -179,6 +179,11 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        if self.interrupt.needs_reset() {
+            self.counters.failed_activations += 1;
+            self.status |= status::FAILED;
+            return;
+        }
         let event_idx = self.driver_features & super::VIRTIO_RING_F_EVENT_IDX != 0;
         let mut queues = Vec::new();
         for (i, q) in self.queues.iter_mut().enumerate() {
@@ -259,7 +264,9 @@ impl MmioTransport {
                     return;
                 }
                 match self.driver_features_sel {
-                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
                     1 => {
                         self.driver_features =
                             (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
@@ -276,6 +283,19 @@ impl MmioTransport {
                 Some(q) => q.set_ready(v == 1),
                 None => self.counters.bad_accesses += 1,
             },
+            // virtio-queue ignores a misaligned ring address and keeps the old one (0 after
+            // a reset), which would put the rings at guest address 0: refuse the set-up.
+            reg::QUEUE_DESC_LOW | reg::QUEUE_AVAIL_LOW | reg::QUEUE_USED_LOW
+                if v & match offset {
+                    reg::QUEUE_DESC_LOW => 0xf,
+                    reg::QUEUE_AVAIL_LOW => 0x1,
+                    _ => 0x3,
+                } != 0
+                    && self.status & status::DRIVER_OK == 0 =>
+            {
+                self.counters.bad_accesses += 1;
+                self.interrupt.signal_needs_reset();
+            }
             reg::QUEUE_DESC_LOW
             | reg::QUEUE_DESC_HIGH
             | reg::QUEUE_AVAIL_LOW
@@ -313,7 +333,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers below the configuration space are 32-bit wide and aligned.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.counters.bad_accesses += 1;
             data.fill(0);
             return;
@@ -327,7 +347,7 @@ impl BusDevice for MmioTransport {
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             self.counters.bad_accesses += 1;
             return;
         }
@@ -379,8 +399,7 @@ mod tests {
     }
 
     fn setup() -> (MmioTransport, Arc<Mutex<Probe>>, Arc<GuestMemoryMmap>) {
-        let mem =
-            Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap());
         let probe = Arc::new(Mutex::new(Probe::default()));
         let t = MmioTransport::new(
             Box::new(TestDevice(probe.clone())),
@@ -409,7 +428,11 @@ mod tests {
         w(t, reg::DRIVER_FEATURES, features_hi);
         w(t, reg::DRIVER_FEATURES_SEL, 0);
         w(t, reg::DRIVER_FEATURES, 1);
-        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         let q = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
         w(t, reg::QUEUE_SEL, 0);
         assert_eq!(r(t, reg::QUEUE_NUM_MAX), 16);
@@ -442,7 +465,10 @@ mod tests {
     fn full_bring_up_activates_ready_queues() {
         let (mut t, probe, mem) = setup();
         bring_up(&mut t, &mem, 1);
-        assert_eq!(probe.lock().unwrap().activated, vec![(1, VIRTIO_F_VERSION_1 | 1)]);
+        assert_eq!(
+            probe.lock().unwrap().activated,
+            vec![(1, VIRTIO_F_VERSION_1 | 1)]
+        );
         assert_eq!(t.counters().activations, 1);
         // Queue registers are frozen after DRIVER_OK.
         w(&mut t, reg::QUEUE_NUM, 8);
@@ -472,7 +498,11 @@ mod tests {
         w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
         w(&mut t, reg::DRIVER_FEATURES, 1);
-        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            &mut t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         w(&mut t, reg::QUEUE_NUM, 16);
         // Rings outside guest memory.
         w(&mut t, reg::QUEUE_DESC_HIGH, 0x10);
@@ -493,7 +523,7 @@ mod tests {
         t.read(reg::MAGIC, &mut b);
         assert_eq!(b, [0, 0]);
         t.write(reg::STATUS + 1, &[1, 2, 3, 4]);
-        w(&mut t, 0x200 - 0x100 + 0x0ff, 1); // unknown register below config space
+        w(&mut t, 0x0c0, 1); // unknown register below config space
         w(&mut t, reg::QUEUE_NOTIFY, 7); // not activated, no such queue
         assert_eq!(t.counters().bad_accesses, 4);
         // Clearing a status bit without a reset is ignored.

@@ -8,6 +8,8 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

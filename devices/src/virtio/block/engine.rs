@@ -13,8 +13,14 @@ use super::request::{S_IOERR, S_OK};
 
 /// One piece of I/O, with host addresses of guest buffers.
 pub enum Io {
-    Read { offset: u64, iovecs: Vec<libc::iovec> },
-    Write { offset: u64, iovecs: Vec<libc::iovec> },
+    Read {
+        offset: u64,
+        iovecs: Vec<libc::iovec>,
+    },
+    Write {
+        offset: u64,
+        iovecs: Vec<libc::iovec>,
+    },
     Flush,
 }
 
@@ -76,6 +82,22 @@ pub trait Engine: Send {
     /// An fd that becomes readable when completions are ready (None: completions are
     /// available right after `kick`).
     fn completion_fd(&self) -> Option<RawFd>;
+    /// Waits until the kernel is done with every submitted request and forgets them all
+    /// (the device is being reset: nothing may write guest memory afterwards).
+    fn drain(&mut self);
+    /// Asks the engine to watch `fd` (an eventfd) and report `token` from [`Engine::wait`]
+    /// when it becomes readable. Ok(false): this engine cannot wait; the worker then waits
+    /// with epoll on its own.
+    fn watch(&mut self, _fd: RawFd, _token: u64) -> std::io::Result<bool> {
+        Ok(false)
+    }
+    /// Submits what is queued, then blocks until a request finishes or a watched fd fires
+    /// (appending its token to `fired`). Finished requests are then ready for `reap`.
+    fn wait(&mut self, _fired: &mut Vec<u64>) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Requests submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
 }
 
 /// Runs each request with preadv/pwritev/fdatasync on the worker thread.
@@ -173,6 +195,14 @@ impl Engine for SyncEngine {
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }
+
+    fn drain(&mut self) {
+        self.done.clear();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
 }
 
 struct InFlight {
@@ -180,31 +210,41 @@ struct InFlight {
     io: Io,
 }
 
-/// One io_uring per queue; completions signal an eventfd the worker polls.
+/// Tags the user data of a watch (an eventfd polled through the ring) apart from I/O slots.
+const WATCH_TAG: u64 = 1 << 63;
+
+/// One io_uring per queue. The worker waits in `io_uring_enter` itself (`wait`): the queue's
+/// notify eventfd and the kill eventfd are polled through the ring (multishot poll), so one
+/// system call submits new requests, sleeps, and returns both finished requests and
+/// notifications, as fio's own loop does.
 pub struct UringEngine {
     ring: IoUring,
     file: Arc<File>,
-    evt: vmm_sys_util::eventfd::EventFd,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     pending: std::collections::VecDeque<(u16, Io)>,
     done: Vec<Completion>,
+    /// Watched fds and their tokens, to re-arm a multishot poll the kernel ended.
+    watches: Vec<(RawFd, u64)>,
+    fired: Vec<u64>,
 }
 
 impl UringEngine {
     pub fn new(file: Arc<File>, depth: u16) -> std::io::Result<Self> {
         let depth = u32::from(depth.max(1)).next_power_of_two();
-        let ring = IoUring::new(depth)?;
-        let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(evt.as_raw_fd())?;
+        // Room for the watches beside a full queue of requests, within the kernel's limit of
+        // 32768 entries (its completion queue is twice as deep; requests beyond the
+        // submission queue wait in `pending`).
+        let ring = IoUring::new((depth + 8).min(32768))?;
         Ok(UringEngine {
             ring,
             file,
-            evt,
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth as usize).rev().collect(),
             pending: Default::default(),
             done: Vec::new(),
+            watches: Vec::new(),
+            fired: Vec::new(),
         })
     }
 
@@ -241,6 +281,69 @@ impl UringEngine {
             self.slots[slot] = Some(InFlight { head, io });
         }
     }
+
+    fn arm(&mut self, fd: RawFd, token: u64) -> std::io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(WATCH_TAG | token);
+        // SAFETY: a poll request refers to no memory of ours.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.ring.submit()?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&entry) }.map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    "io_uring submission queue full",
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Moves every CQE out of the ring: finished requests to `done`, watches to `fired`.
+    fn drain_cq(&mut self) {
+        let mut rearm = Vec::new();
+        for cqe in self.ring.completion() {
+            let data = cqe.user_data();
+            if data & WATCH_TAG != 0 {
+                let token = data & !WATCH_TAG;
+                if !self.fired.contains(&token) {
+                    self.fired.push(token);
+                }
+                if !io_uring::cqueue::more(cqe.flags()) {
+                    rearm.push(token);
+                }
+                continue;
+            }
+            let slot = data as usize;
+            let Some(inflight) = self.slots.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot);
+            let expected = inflight.io.expected();
+            let (status, written) = match (&inflight.io, i64::from(cqe.result())) {
+                (_, r) if r < 0 => (S_IOERR, 0),
+                (Io::Flush, _) => (S_OK, 0),
+                (Io::Read { .. }, r) if r == expected => (S_OK, r as u32),
+                (Io::Write { .. }, r) if r == expected => (S_OK, 0),
+                // A short transfer inside the disk: the file changed under us.
+                _ => (S_IOERR, 0),
+            };
+            self.done.push(Completion {
+                head: inflight.head,
+                status,
+                written,
+            });
+        }
+        for token in rearm {
+            if let Some(&(fd, _)) = self.watches.iter().find(|w| w.1 == token) {
+                // On failure the token has fired anyway; the next wait re-arms nothing, and
+                // the worker sees the error from the ring soon enough.
+                let _ = self.arm(fd, token);
+            }
+        }
+    }
 }
 
 impl Engine for UringEngine {
@@ -256,32 +359,7 @@ impl Engine for UringEngine {
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
-        let _ = self.evt.read();
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (slot, res) in cqes {
-            let Some(inflight) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
-                continue;
-            };
-            self.free.push(slot as usize);
-            let expected = inflight.io.expected();
-            let (status, written) = match (&inflight.io, i64::from(res)) {
-                (_, r) if r < 0 => (S_IOERR, 0),
-                (Io::Flush, _) => (S_OK, 0),
-                (Io::Read { .. }, r) if r == expected => (S_OK, r as u32),
-                (Io::Write { .. }, r) if r == expected => (S_OK, 0),
-                // A short transfer inside the disk: the file changed under us.
-                _ => (S_IOERR, 0),
-            };
-            out.push(Completion {
-                head: inflight.head,
-                status,
-                written,
-            });
-        }
+        self.drain_cq();
         out.append(&mut self.done);
         // Freed slots let queued requests go.
         if !self.pending.is_empty() {
@@ -290,7 +368,50 @@ impl Engine for UringEngine {
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.evt.as_raw_fd())
+        // The ring itself polls readable while completions wait in it.
+        Some(self.ring.as_raw_fd())
+    }
+
+    fn watch(&mut self, fd: RawFd, token: u64) -> std::io::Result<bool> {
+        self.arm(fd, token)?;
+        self.watches.push((fd, token));
+        self.ring.submit()?;
+        Ok(true)
+    }
+
+    fn wait(&mut self, fired: &mut Vec<u64>) -> std::io::Result<()> {
+        self.push_pending();
+        let ready =
+            !self.done.is_empty() || !self.fired.is_empty() || !self.ring.completion().is_empty();
+        let want = if ready { 0 } else { 1 };
+        match self.ring.submit_and_wait(want) {
+            Ok(_) => {}
+            // A signal, or a full completion queue (reaping below makes room).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+        self.drain_cq();
+        fired.append(&mut self.fired);
+        Ok(())
+    }
+
+    fn drain(&mut self) {
+        self.pending.clear();
+        self.done.clear();
+        while self.slots.len() > self.free.len() {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // The ring is unusable; dropping it still makes the kernel cancel and wait.
+                Err(_) => return,
+            }
+            self.drain_cq();
+            self.done.clear();
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len() + self.pending.len() + self.done.len()
     }
 }
 

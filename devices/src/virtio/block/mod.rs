@@ -8,6 +8,8 @@
 
 pub mod engine;
 pub mod request;
+#[cfg(test)]
+mod tests;
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -24,8 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::engine::{Completion, Engine, EngineKind, Io, SyncEngine, UringEngine};
 use self::request::{
-    ParseError, Request, RequestType, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, S_IOERR, S_OK,
-    S_UNSUPP,
+    ParseError, Request, RequestType, ID_BYTES, SECTOR_SHIFT, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP,
 };
 use super::{
     ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -85,6 +86,11 @@ pub struct BlockCounters {
     pub invalid_requests: AtomicU64,
     /// Requests the host file failed.
     pub io_errors: AtomicU64,
+    /// fdatasync calls that completed (each before its FLUSH reached the used ring).
+    pub syncs: AtomicU64,
+    /// Interrupts raised for used buffers (fewer than completions when the driver's
+    /// event index suppresses them).
+    pub interrupts: AtomicU64,
 }
 
 pub struct Block {
@@ -229,9 +235,24 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.stop_workers();
+        let result = self.start_workers(ctx);
+        if result.is_err() {
+            // The transport will not call reset() after a failed activation.
+            self.stop_workers();
+        }
+        result
+    }
+
+    fn reset(&mut self) {
+        self.stop_workers();
+    }
+}
+
+impl Block {
+    fn start_workers(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         let io_err = |what| move |source| ActivateError::Io { what, source };
         for (index, (queue, evt)) in ctx.queues.into_iter().enumerate() {
-            let queue_size = queue.size();
             let engine: Box<dyn Engine> = match self.engine {
                 EngineKind::IoUring => Box::new(
                     UringEngine::new(self.file.clone(), queue.size())
@@ -240,23 +261,21 @@ impl VirtioDevice for Block {
                 EngineKind::Sync => Box::new(SyncEngine::new(self.file.clone())),
             };
             let kill = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
-            let worker = Worker {
+            let worker = Worker::new(
                 queue,
-                queue_evt: evt,
-                kill_evt: kill.try_clone().map_err(io_err("cloning an eventfd"))?,
-                mem: ctx.mem.clone(),
-                interrupt: ctx.interrupt.clone(),
+                evt,
+                kill.try_clone().map_err(io_err("cloning an eventfd"))?,
+                ctx.mem.clone(),
+                ctx.interrupt.clone(),
                 engine,
-                disk: DiskInfo {
+                DiskInfo {
                     capacity: self.capacity,
                     readonly: self.cfg.readonly,
                     id: self.cfg.id.clone(),
                     file: self.file.clone(),
                 },
-                counters: self.counters.clone(),
-                reported: false,
-                inflight: vec![None; usize::from(queue_size)],
-            };
+                self.counters.clone(),
+            );
             let handle = std::thread::Builder::new()
                 .name(format!("blk-{}-q{index}", self.cfg.id))
                 .spawn(move || worker.run())
@@ -264,10 +283,6 @@ impl VirtioDevice for Block {
             self.workers.push((kill, handle));
         }
         Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.stop_workers();
     }
 }
 
@@ -290,8 +305,19 @@ pub struct Worker {
     counters: Arc<BlockCounters>,
     /// Whether a guest error was already logged (log once, count always).
     reported: bool,
-    /// Status-byte address of each submitted request, by descriptor head.
-    inflight: Vec<Option<GuestAddress>>,
+    /// The avail ring was corrupt: the queue is not served until the driver resets the device.
+    broken: bool,
+    /// Each submitted request, by descriptor head.
+    inflight: Vec<Option<InFlight>>,
+    /// Reused for every batch of completions.
+    done: Vec<Completion>,
+}
+
+/// What the worker remembers about a request the engine is running.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    status_addr: GuestAddress,
+    flush: bool,
 }
 
 const TOKEN_QUEUE: u64 = 0;
@@ -299,7 +325,79 @@ const TOKEN_KILL: u64 = 1;
 const TOKEN_ENGINE: u64 = 2;
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        queue: Queue,
+        queue_evt: EventFd,
+        kill_evt: EventFd,
+        mem: Arc<GuestMemoryMmap>,
+        interrupt: Arc<Interrupt>,
+        engine: Box<dyn Engine>,
+        disk: DiskInfo,
+        counters: Arc<BlockCounters>,
+    ) -> Self {
+        let size = usize::from(queue.size());
+        Worker {
+            queue,
+            queue_evt,
+            kill_evt,
+            mem,
+            interrupt,
+            engine,
+            disk,
+            counters,
+            reported: false,
+            broken: false,
+            inflight: vec![None; size],
+            done: Vec::with_capacity(size),
+        }
+    }
+
     fn run(mut self) {
+        // io_uring waits for the notify and kill eventfds itself (one system call submits,
+        // sleeps and reaps); other engines leave the waiting to epoll.
+        let native = self
+            .engine
+            .watch(self.queue_evt.as_raw_fd(), TOKEN_QUEUE)
+            .and_then(|q| Ok(q && self.engine.watch(self.kill_evt.as_raw_fd(), TOKEN_KILL)?));
+        match native {
+            Ok(true) => self.run_native(),
+            Ok(false) => self.run_epoll(),
+            Err(_) => self.interrupt.signal_needs_reset(),
+        }
+    }
+
+    /// The driver reset the device: let requests the kernel is running finish, so none
+    /// writes into guest memory afterwards; their results are not reported (the rings are
+    /// no longer ours).
+    fn stop(mut self) {
+        self.engine.drain();
+    }
+
+    fn run_native(mut self) {
+        // Requests may already be waiting (a driver that notified before we started).
+        self.process_queue();
+        let mut fired = Vec::with_capacity(2);
+        loop {
+            fired.clear();
+            if self.engine.wait(&mut fired).is_err() {
+                self.interrupt.signal_needs_reset();
+                return self.stop();
+            }
+            if fired.contains(&TOKEN_KILL) {
+                return self.stop();
+            }
+            if fired.contains(&TOKEN_QUEUE) {
+                let _ = self.queue_evt.read();
+                self.process_queue();
+            }
+            // Always reap: a completion left in the engine would make the next wait return
+            // at once, forever.
+            self.complete();
+        }
+    }
+
+    fn run_epoll(mut self) {
         let Ok(epoll) = Epoll::new() else {
             self.interrupt.signal_needs_reset();
             return;
@@ -325,7 +423,6 @@ impl Worker {
             }
         }
         let mut events = vec![EpollEvent::default(); 4];
-        // Requests may already be waiting (a driver that notified before we started).
         self.process_queue();
         loop {
             let n = match epoll.wait(-1, &mut events) {
@@ -335,7 +432,7 @@ impl Worker {
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_KILL => return,
+                    TOKEN_KILL => return self.stop(),
                     TOKEN_QUEUE => {
                         let _ = self.queue_evt.read();
                         self.process_queue();
@@ -347,7 +444,9 @@ impl Worker {
     }
 
     fn note_guest_error(&mut self, e: &ParseError) {
-        self.counters.invalid_requests.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .invalid_requests
+            .fetch_add(1, Ordering::Relaxed);
         if !self.reported {
             self.reported = true;
             eprintln!(
@@ -359,6 +458,9 @@ impl Worker {
 
     /// Pops every available chain, with notifications off while doing so (event index).
     pub fn process_queue(&mut self) {
+        if self.broken {
+            return;
+        }
         let mem = self.mem.clone();
         loop {
             if self.queue.disable_notification(mem.as_ref()).is_err() {
@@ -393,9 +495,15 @@ impl Worker {
         self.complete();
     }
 
-    /// The avail ring itself is corrupt: nothing sane can be served from this queue.
+    /// The rings themselves are corrupt (an avail index more than a queue ahead, a head
+    /// index outside the table): nothing sane can be served from this queue until the driver
+    /// resets the device. Other queues keep going.
     fn broken_queue(&mut self) {
-        self.note_guest_error(&ParseError::Empty);
+        if self.broken {
+            return;
+        }
+        self.broken = true;
+        self.note_guest_error(&ParseError::BrokenRing);
         self.interrupt.signal_needs_reset();
     }
 
@@ -420,7 +528,7 @@ impl Worker {
                 let Some(iovecs) = self.iovecs(&req) else {
                     return self.finish(head, status_addr, S_IOERR, 0);
                 };
-                self.set_inflight(head, req.status_addr);
+                self.set_inflight(head, req.status_addr, false);
                 if req.kind == RequestType::In {
                     self.counters.reads.fetch_add(1, Ordering::Relaxed);
                     self.counters
@@ -440,19 +548,22 @@ impl Worker {
                 if self.disk.readonly {
                     return self.finish(head, status_addr, S_OK, 0);
                 }
-                self.set_inflight(head, req.status_addr);
+                self.set_inflight(head, req.status_addr, true);
                 self.engine.submit(head, Io::Flush);
             }
             RequestType::GetId => {
                 let mut id = [0u8; ID_BYTES as usize];
                 let n = self.disk.id.len().min(id.len());
                 id[..n].copy_from_slice(&self.disk.id.as_bytes()[..n]);
-                let (addr, _) = req.data[0];
-                let ok = if req.data[0].1 >= ID_BYTES {
-                    self.mem.write_slice(&id, addr).is_ok()
-                } else {
-                    false
-                };
+                // Scattered over the data buffers (parse checked they hold 20 bytes).
+                let mut left: &[u8] = &id;
+                let mut ok = true;
+                for &(addr, len) in &req.data {
+                    let n = left.len().min(len as usize);
+                    ok &= self.mem.write_slice(&left[..n], addr).is_ok();
+                    left = &left[n..];
+                }
+                let ok = ok && left.is_empty();
                 let status = if ok { S_OK } else { S_IOERR };
                 self.finish(head, status_addr, status, if ok { ID_BYTES } else { 0 });
             }
@@ -484,7 +595,11 @@ impl Worker {
                     }
                     Err(e) => {
                         self.note_guest_error(&e);
-                        S_IOERR
+                        if matches!(e, ParseError::SegmentFlags(_)) {
+                            S_UNSUPP
+                        } else {
+                            S_IOERR
+                        }
                     }
                 };
                 self.finish(head, status_addr, status, 0);
@@ -494,28 +609,35 @@ impl Worker {
     }
 
     /// Remembers where a submitted request's status byte goes.
-    fn set_inflight(&mut self, head: u16, status_addr: GuestAddress) {
+    fn set_inflight(&mut self, head: u16, status_addr: GuestAddress, flush: bool) {
         if let Some(slot) = self.inflight.get_mut(usize::from(head)) {
-            *slot = Some(status_addr);
+            *slot = Some(InFlight { status_addr, flush });
         }
     }
 
-    fn complete(&mut self) {
-        let mut done: Vec<Completion> = Vec::new();
+    /// Returns every request the engine finished to the driver, then interrupts it once if
+    /// it asked for that.
+    pub fn complete(&mut self) {
+        let mut done = std::mem::take(&mut self.done);
         self.engine.reap(&mut done);
         if done.is_empty() {
+            self.done = done;
             return;
         }
-        for c in done {
-            let addr = self
+        for c in done.drain(..) {
+            let inflight = self
                 .inflight
                 .get_mut(usize::from(c.head))
                 .and_then(Option::take);
             if c.status == S_IOERR {
                 self.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+            } else if inflight.is_some_and(|f| f.flush) {
+                // The fdatasync has returned: only now may the driver see the FLUSH done.
+                self.counters.syncs.fetch_add(1, Ordering::Release);
             }
-            self.write_used(c.head, addr, c.status, c.written);
+            self.write_used(c.head, inflight.map(|f| f.status_addr), c.status, c.written);
         }
+        self.done = done;
         self.notify();
     }
 
@@ -545,7 +667,10 @@ impl Worker {
 
     fn notify(&mut self) {
         match self.queue.needs_notification(self.mem.as_ref()) {
-            Ok(true) => self.interrupt.signal_used(),
+            Ok(true) => {
+                self.counters.interrupts.fetch_add(1, Ordering::Relaxed);
+                self.interrupt.signal_used();
+            }
             Ok(false) => {}
             Err(_) => self.broken_queue(),
         }

@@ -79,6 +79,18 @@ pub enum ParseError {
     ShortId,
     #[error("malformed discard/write-zeroes segment")]
     BadSegment,
+    #[error(
+        "descriptor chain loops, leaves the descriptor table or has a malformed indirect table"
+    )]
+    Truncated,
+    #[error("device-readable descriptor after a device-writable one")]
+    BadOrder,
+    #[error("more than {MAX_SEGMENTS} data segments")]
+    TooManySegments,
+    #[error("discard/write-zeroes segment flags {0:#x} are not supported")]
+    SegmentFlags(u32),
+    #[error("the avail ring is corrupt (index jumped ahead, or a head outside the table)")]
+    BrokenRing,
 }
 
 /// A validated request: every buffer is inside guest memory and has the right direction.
@@ -99,25 +111,46 @@ pub struct Rejected {
     pub status_addr: Option<GuestAddress>,
 }
 
-/// The header the driver wrote: type, reserved, sector.
-fn read_header(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(u32, u64), ParseError> {
-    if d.is_write_only() || d.len() < 16 {
-        return Err(ParseError::BadHeader);
-    }
-    let t: u32 = mem
-        .read_obj(d.addr())
-        .map_err(|_| ParseError::HeaderRead)?;
-    let sector: u64 = mem
-        .read_obj(d.addr().unchecked_add(8))
-        .map_err(|_| ParseError::HeaderRead)?;
-    Ok((t, sector))
-}
+/// Most data segments one request may carry: the kernel's `UIO_MAXIOV`, the most one
+/// `preadv`/`pwritev` (or io_uring readv/writev) accepts. Linux drivers stay within the
+/// advertised `seg_max` (128).
+pub const MAX_SEGMENTS: usize = 1024;
 
 fn in_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> bool {
     len > 0 && mem.get_slice(addr, len as usize).is_ok()
 }
 
+/// Adds `len` bytes at `addr` to the request's data, checking direction and memory.
+fn add_segment(
+    mem: &GuestMemoryMmap,
+    req: &mut (Vec<(GuestAddress, u32)>, u64),
+    addr: GuestAddress,
+    len: u32,
+    device_writable: bool,
+    device_writes: bool,
+) -> Result<(), ParseError> {
+    if len == 0 {
+        return Ok(());
+    }
+    if device_writable != device_writes {
+        return Err(ParseError::WrongDirection(addr.0));
+    }
+    if !in_memory(mem, addr, len) {
+        return Err(ParseError::OutOfMemory { addr: addr.0, len });
+    }
+    if req.0.len() >= MAX_SEGMENTS {
+        return Err(ParseError::TooManySegments);
+    }
+    req.0.push((addr, len));
+    req.1 += u64::from(len);
+    Ok(())
+}
+
 /// Parses `chain` into a request for a disk of `capacity` sectors.
+///
+/// Any framing is accepted (virtio 1.x, 2.7.4: the device must not assume one): the header is
+/// the first 16 bytes of the device-readable part, the status the last byte of the
+/// device-writable part, and everything between is data. Linux uses one descriptor for each.
 pub fn parse<M>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap,
@@ -127,51 +160,103 @@ pub fn parse<M>(
 where
     M: std::ops::Deref<Target = GuestMemoryMmap>,
 {
-    // The iterator stops at the queue size, so a looping chain ends (too short) here.
     let descs: Vec<Descriptor> = chain.collect();
     let reject = |error, status_addr| Rejected { error, status_addr };
-    let last = descs.last().ok_or_else(|| reject(ParseError::Empty, None))?;
-    let status_addr = if last.is_write_only() && last.len() >= 1 && in_memory(mem, last.addr(), 1)
+    let last = descs
+        .last()
+        .ok_or_else(|| reject(ParseError::Empty, None))?;
+    // The chain iterator ends a chain early without saying so: after queue-size descriptors
+    // (a loop), at a next index outside the table, at a malformed indirect table, or past
+    // 4 GiB. The last descriptor it yielded then still has NEXT set. Its end is not the
+    // driver's, so there is no status byte to trust.
+    if last.has_next() {
+        return Err(reject(ParseError::Truncated, None));
+    }
+    let status_addr = match last
+        .addr()
+        .checked_add(u64::from(last.len()).wrapping_sub(1))
     {
-        last.addr()
-    } else {
-        return Err(reject(ParseError::NoStatus, None));
+        Some(addr) if last.is_write_only() && last.len() >= 1 && in_memory(mem, addr, 1) => addr,
+        _ => return Err(reject(ParseError::NoStatus, None)),
     };
-    if descs.len() < 2 {
-        return Err(reject(ParseError::BadHeader, Some(status_addr)));
+    let status = Some(status_addr);
+    // Device-readable descriptors come first (2.7.4.2).
+    let first_writable = descs
+        .iter()
+        .position(|d| d.is_write_only())
+        .unwrap_or(descs.len());
+    if descs[first_writable..].iter().any(|d| !d.is_write_only()) {
+        return Err(reject(ParseError::BadOrder, status));
     }
-    let (t, sector) =
-        read_header(mem, &descs[0]).map_err(|e| reject(e, Some(status_addr)))?;
+    // The header: the first 16 bytes of the readable part.
+    let mut header = [0u8; 16];
+    let mut got = 0usize;
+    let mut rest: Option<(GuestAddress, u32)> = None;
+    let mut readable = descs[..first_writable].iter();
+    for d in readable.by_ref() {
+        let n = (header.len() - got).min(d.len() as usize);
+        mem.read_slice(&mut header[got..got + n], d.addr())
+            .map_err(|_| reject(ParseError::HeaderRead, status))?;
+        got += n;
+        if got == header.len() {
+            let left = d.len() - n as u32;
+            if left > 0 {
+                let addr = d.addr().checked_add(n as u64).ok_or_else(|| {
+                    reject(
+                        ParseError::OutOfMemory {
+                            addr: d.addr().0,
+                            len: d.len(),
+                        },
+                        status,
+                    )
+                })?;
+                rest = Some((addr, left));
+            }
+            break;
+        }
+    }
+    if got < header.len() {
+        return Err(reject(ParseError::BadHeader, status));
+    }
+    let t = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut sector_bytes = [0u8; 8];
+    sector_bytes.copy_from_slice(&header[8..16]);
+    let sector = u64::from_le_bytes(sector_bytes);
     let kind = RequestType::from(t);
-    let data_descs = &descs[1..descs.len() - 1];
-    let device_writes = matches!(kind, RequestType::In | RequestType::GetId);
-    let mut data = Vec::with_capacity(data_descs.len());
-    let mut data_len: u64 = 0;
-    for d in data_descs {
-        if d.is_write_only() != device_writes {
-            return Err(reject(ParseError::WrongDirection(d.addr().0), Some(status_addr)));
+
+    // The data: what follows the header, up to the status byte. Flush and unknown requests
+    // carry none the device looks at.
+    let mut data = (Vec::with_capacity(descs.len()), 0u64);
+    if !matches!(kind, RequestType::Flush | RequestType::Unsupported(_)) {
+        let device_writes = matches!(kind, RequestType::In | RequestType::GetId);
+        let writable = &descs[first_writable..];
+        let (status_desc, writable_data) = match writable.split_last() {
+            Some(split) => split,
+            None => return Err(reject(ParseError::NoStatus, None)),
+        };
+        let segments = rest
+            .into_iter()
+            .chain(readable.map(|d| (d.addr(), d.len())))
+            .map(|(a, l)| (a, l, false))
+            .chain(writable_data.iter().map(|d| (d.addr(), d.len(), true)))
+            .chain(std::iter::once((
+                status_desc.addr(),
+                status_desc.len() - 1,
+                true,
+            )));
+        for (addr, len, device_writable) in segments {
+            add_segment(mem, &mut data, addr, len, device_writable, device_writes)
+                .map_err(|e| reject(e, status))?;
         }
-        if !in_memory(mem, d.addr(), d.len()) {
-            return Err(reject(
-                ParseError::OutOfMemory {
-                    addr: d.addr().0,
-                    len: d.len(),
-                },
-                Some(status_addr),
-            ));
-        }
-        data.push((d.addr(), d.len()));
-        data_len += u64::from(d.len());
     }
-    let check_range = |count: u64| {
-        match sector.checked_add(count) {
-            Some(end) if end <= capacity => Ok(()),
-            _ => Err(ParseError::OutOfRange {
-                sector,
-                count,
-                capacity,
-            }),
-        }
+    let (data, data_len) = data;
+    let check_range = |count: u64| match sector.checked_add(count) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(ParseError::OutOfRange {
+            sector,
+            count,
+            capacity,
+        }),
     };
     let result = match kind {
         RequestType::In | RequestType::Out => {
@@ -189,7 +274,7 @@ where
         RequestType::Discard | RequestType::WriteZeroes => {
             if readonly {
                 Err(ParseError::ReadOnly)
-            } else if data_len == 0 || data_len % 16 != 0 {
+            } else if data_len == 0 || data.iter().any(|&(_, len)| len % 16 != 0) {
                 Err(ParseError::BadSegment)
             } else {
                 Ok(())
@@ -206,6 +291,9 @@ where
         status_addr,
     })
 }
+
+/// The one segment flag defined (write-zeroes only): the device may deallocate the range.
+pub const SEGMENT_F_UNMAP: u32 = 1;
 
 /// A discard/write-zeroes segment: sector, number of sectors, flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,6 +320,14 @@ pub fn read_segments(
             let flags: u32 = mem
                 .read_obj(base.unchecked_add(12))
                 .map_err(|_| ParseError::BadSegment)?;
+            let allowed = if req.kind == RequestType::WriteZeroes {
+                SEGMENT_F_UNMAP
+            } else {
+                0
+            };
+            if flags & !allowed != 0 {
+                return Err(ParseError::SegmentFlags(flags));
+            }
             match sector.checked_add(u64::from(num_sectors)) {
                 Some(end) if end <= capacity => {}
                 _ => {

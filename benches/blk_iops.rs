@@ -1,0 +1,739 @@
+//! virtio-blk IOPS through the device's whole data path, next to fio on the same file.
+//!
+//! The "guest" is this process: it lays out split virtqueues in guest memory, brings the
+//! device up through its virtio-mmio registers as Linux's drivers do (features, queues,
+//! DRIVER_OK), and then acts as the guest's virtio_blk driver on one thread: every request is
+//! an indirect descriptor (header, 4 KiB buffer, status byte, as Linux lays them out) put in
+//! the avail ring; a notification is the write of the queue's eventfd (the ioeventfd KVM
+//! would signal) when the device's avail_event asks for one; completions arrive through the
+//! interrupt eventfd (the irqfd), are acknowledged in the InterruptStatus/InterruptAck
+//! registers, read from the used ring (with event-index interrupt suppression), checked
+//! (status byte) and immediately replaced by a new request, keeping the queue depth
+//! constant. On the device side everything is the real thing: the transport, the worker
+//! thread per queue with its epoll, request parsing, the io_uring engine with O_DIRECT, the
+//! used ring and the interrupt.
+//!
+//! fio (Debian's `fio`, `scripts/setup.sh` installs it) runs the same pattern on the same
+//! file for the same time: `--rw=randread|randwrite --bs=4k --iodepth=32 --direct=1
+//! --ioengine=io_uring [--numjobs=4]`. Device and fio take turns, so drift hits both.
+//!
+//! The file: 1 GiB, fully written (reads of holes or unwritten extents never reach the disk),
+//! created once at `/var/tmp/podvmm-bench/blk_iops-1G.img` (or `$PODVMM_BLK_BENCH_FILE`) and
+//! reused. The write runs overwrite random blocks of it with random data.
+//!
+//! Reports (criterion): `blk_iops/{randread,randwrite}_4k_qd32_{1,4}q`, per-request time and
+//! throughput. Then the interleaved comparison; the closing lines are
+//! `podvmm-bench: blk_iops=`, `fio_iops=` and `iops_ratio_vs_host=` for 1 queue, 4 KiB random
+//! reads at QD32, after the same for 4 queues and for writes.
+//!
+//! Environment: `PODVMM_BENCH_QUICK=1` (or criterion's `--quick`) runs each comparison once
+//! for 2 s and shortens criterion's sampling, for CI.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput};
+use devices::virtio::block::engine::EngineKind;
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::MmioTransport;
+use devices::BusDevice;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const FILE_SIZE: u64 = 1 << 30;
+const BLOCK: u64 = 4096;
+const QUEUE_DEPTH: u16 = 32;
+/// What podvmm offers by default.
+const QUEUE_SIZE: u16 = 128;
+/// Guest memory for each queue's rings, tables and buffers.
+const QUEUE_AREA: u64 = 8 << 20;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+const F_EVENT_IDX: u64 = 1 << 29;
+
+/// MMIO registers the driver touches.
+mod reg {
+    pub const DEVICE_FEATURES: u64 = 0x10;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
+    pub const DRIVER_FEATURES: u64 = 0x20;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+    pub const QUEUE_SEL: u64 = 0x30;
+    pub const QUEUE_NUM: u64 = 0x38;
+    pub const QUEUE_READY: u64 = 0x44;
+    pub const INTERRUPT_STATUS: u64 = 0x60;
+    pub const INTERRUPT_ACK: u64 = 0x64;
+    pub const STATUS: u64 = 0x70;
+    pub const QUEUE_DESC_LOW: u64 = 0x80;
+    pub const QUEUE_DESC_HIGH: u64 = 0x84;
+    pub const QUEUE_AVAIL_LOW: u64 = 0x90;
+    pub const QUEUE_AVAIL_HIGH: u64 = 0x94;
+    pub const QUEUE_USED_LOW: u64 = 0xa0;
+    pub const QUEUE_USED_HIGH: u64 = 0xa4;
+}
+
+/// xorshift64*: cheap, deterministic per queue.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// One virtqueue as the guest driver sees it.
+struct DriverQueue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    /// Per request slot k: indirect table, header, status byte, 4 KiB buffer.
+    tables: u64,
+    headers: u64,
+    statuses: u64,
+    buffers: u64,
+    avail_idx: u16,
+    last_used: u16,
+    in_flight: u32,
+    rng: Rng,
+}
+
+impl DriverQueue {
+    fn new(index: u64) -> Self {
+        let base = index * QUEUE_AREA;
+        DriverQueue {
+            desc: base,
+            avail: base + 0x800,
+            used: base + 0x1000,
+            tables: base + 0x2000,
+            headers: base + 0x4000,
+            statuses: base + 0x5000,
+            buffers: base + 0x10_0000,
+            avail_idx: 0,
+            last_used: 0,
+            in_flight: 0,
+            rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (index + 1)),
+        }
+    }
+
+    /// Writes the fixed parts: one main descriptor per slot pointing at its indirect table of
+    /// three (header, data, status).
+    fn lay_out(&self, mem: &GuestMemoryMmap, write: bool) {
+        let size = u64::from(QUEUE_SIZE);
+        mem.write_slice(
+            &vec![0u8; (self.used + 6 + 8 * size - self.avail) as usize],
+            GuestAddress(self.avail),
+        )
+        .expect("zero the rings");
+        for k in 0..u64::from(QUEUE_DEPTH) {
+            let table = self.tables + 64 * k;
+            desc(mem, self.desc + 16 * k, table, 48, F_INDIRECT, 0);
+            desc(mem, table, self.headers + 16 * k, 16, F_NEXT, 1);
+            let data_flags = if write { F_NEXT } else { F_NEXT | F_WRITE };
+            desc(
+                mem,
+                table + 16,
+                self.buffers + BLOCK * k,
+                BLOCK as u32,
+                data_flags,
+                2,
+            );
+            desc(mem, table + 32, self.statuses + k, 1, F_WRITE, 0);
+            let t = if write { T_OUT } else { T_IN };
+            mem.write_obj(t, GuestAddress(self.headers + 16 * k))
+                .expect("header");
+            mem.write_obj(0u32, GuestAddress(self.headers + 16 * k + 4))
+                .expect("header");
+            if write {
+                let fill: Vec<u8> = (0..BLOCK).map(|i| (i * 7 + k) as u8).collect();
+                mem.write_slice(&fill, GuestAddress(self.buffers + BLOCK * k))
+                    .expect("data");
+            }
+        }
+    }
+
+    /// Puts slot `k` in the avail ring with a new random block (not yet published).
+    fn queue_request(&mut self, mem: &GuestMemoryMmap, k: u16) {
+        let block = self.rng.next() % (FILE_SIZE / BLOCK);
+        let sector = block * (BLOCK / 512);
+        let k64 = u64::from(k);
+        mem.write_obj(sector, GuestAddress(self.headers + 16 * k64 + 8))
+            .expect("header");
+        mem.write_obj(0xffu8, GuestAddress(self.statuses + k64))
+            .expect("status");
+        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
+        mem.write_obj(k, GuestAddress(slot)).expect("avail ring");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.in_flight += 1;
+    }
+
+    /// Publishes the avail index; true when the device asked to be notified (event index).
+    fn publish(&mut self, mem: &GuestMemoryMmap, old_idx: u16) -> bool {
+        fence(Ordering::Release);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .expect("avail idx");
+        fence(Ordering::SeqCst);
+        let avail_event: u16 = mem
+            .read_obj(GuestAddress(self.used + 4 + 8 * u64::from(QUEUE_SIZE)))
+            .expect("avail_event");
+        // vring_need_event
+        self.avail_idx.wrapping_sub(avail_event).wrapping_sub(1)
+            < self.avail_idx.wrapping_sub(old_idx)
+    }
+
+    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
+        let idx = mem.read_obj(GuestAddress(self.used + 2)).expect("used idx");
+        fence(Ordering::Acquire);
+        idx
+    }
+
+    /// Takes every completion (checking its status), re-arms the interrupt at the next one
+    /// (used_event), and resubmits each finished slot unless `refill` is false.
+    fn reap(&mut self, mem: &GuestMemoryMmap, refill: bool) -> (u64, bool) {
+        let old_avail = self.avail_idx;
+        let mut done = 0;
+        loop {
+            let idx = self.used_idx(mem);
+            while self.last_used != idx {
+                let at = self.used + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
+                let id: u32 = mem.read_obj(GuestAddress(at)).expect("used elem");
+                let k = u16::try_from(id)
+                    .ok()
+                    .filter(|&k| k < QUEUE_DEPTH)
+                    .expect("used id");
+                let status: u8 = mem
+                    .read_obj(GuestAddress(self.statuses + u64::from(k)))
+                    .expect("status");
+                assert_eq!(status, 0, "request failed with status {status}");
+                self.last_used = self.last_used.wrapping_add(1);
+                self.in_flight -= 1;
+                done += 1;
+                if refill {
+                    self.queue_request(mem, k);
+                }
+            }
+            // virtqueue_enable_cb: interrupt me at the next completion, then check again.
+            mem.write_obj(
+                self.last_used,
+                GuestAddress(self.avail + 4 + 2 * u64::from(QUEUE_SIZE)),
+            )
+            .expect("used_event");
+            fence(Ordering::SeqCst);
+            if self.used_idx(mem) == self.last_used {
+                break;
+            }
+        }
+        let notify = self.avail_idx != old_avail && self.publish(mem, old_avail);
+        (done, notify)
+    }
+}
+
+fn desc(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    mem.write_obj(addr, GuestAddress(at)).expect("desc");
+    mem.write_obj(len, GuestAddress(at + 8)).expect("desc");
+    mem.write_obj(flags, GuestAddress(at + 12)).expect("desc");
+    mem.write_obj(next, GuestAddress(at + 14)).expect("desc");
+}
+
+/// A disk device driven by a guest driver on this thread.
+struct Rig {
+    mem: Arc<GuestMemoryMmap>,
+    transport: Mutex<MmioTransport>,
+    notify: Vec<EventFd>,
+    irq: EventFd,
+    queues: Vec<DriverQueue>,
+    engine: EngineKind,
+}
+
+fn w(t: &Mutex<MmioTransport>, off: u64, v: u32) {
+    t.lock().expect("transport").write(off, &v.to_le_bytes());
+}
+
+fn r(t: &Mutex<MmioTransport>, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.lock().expect("transport").read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+enum Stop {
+    Count(u64),
+    Time(Duration),
+}
+
+impl Rig {
+    fn new(path: &Path, num_queues: u16, write: bool) -> Rig {
+        let mem = Arc::new(
+            GuestMemoryMmap::from_ranges(&[(
+                GuestAddress(0),
+                (QUEUE_AREA * u64::from(num_queues)) as usize,
+            )])
+            .expect("guest memory"),
+        );
+        let block = Block::new(BlockConfig {
+            path: path.to_owned(),
+            readonly: false,
+            direct: true,
+            num_queues,
+            queue_size: QUEUE_SIZE,
+            id: "bench".into(),
+            engine: None,
+        })
+        .expect("open the bench file");
+        let engine = block.engine();
+        let irq = EventFd::new(0).expect("eventfd");
+        let transport = MmioTransport::new(
+            Box::new(block),
+            mem.clone(),
+            irq.try_clone().expect("eventfd"),
+        )
+        .expect("transport");
+        let notify = transport
+            .queue_events()
+            .iter()
+            .map(|e| e.try_clone().expect("eventfd"))
+            .collect();
+        let t = Mutex::new(transport);
+        // As Linux's virtio_mmio + virtio_blk bring a device up.
+        w(&t, reg::STATUS, 1);
+        w(&t, reg::STATUS, 3);
+        w(&t, reg::DEVICE_FEATURES_SEL, 1);
+        let hi = r(&t, reg::DEVICE_FEATURES);
+        w(&t, reg::DEVICE_FEATURES_SEL, 0);
+        let lo = r(&t, reg::DEVICE_FEATURES);
+        let features = (u64::from(hi) << 32) | u64::from(lo);
+        assert_ne!(
+            features & F_EVENT_IDX,
+            0,
+            "the device must offer event index"
+        );
+        w(&t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&t, reg::DRIVER_FEATURES, hi);
+        w(&t, reg::DRIVER_FEATURES_SEL, 0);
+        w(&t, reg::DRIVER_FEATURES, lo);
+        w(&t, reg::STATUS, 3 | 8);
+        assert_ne!(r(&t, reg::STATUS) & 8, 0, "FEATURES_OK refused");
+        let mut queues = Vec::new();
+        for q in 0..num_queues {
+            let dq = DriverQueue::new(u64::from(q));
+            dq.lay_out(&mem, write);
+            w(&t, reg::QUEUE_SEL, u32::from(q));
+            w(&t, reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
+            for (lo_reg, hi_reg, addr) in [
+                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, dq.desc),
+                (reg::QUEUE_AVAIL_LOW, reg::QUEUE_AVAIL_HIGH, dq.avail),
+                (reg::QUEUE_USED_LOW, reg::QUEUE_USED_HIGH, dq.used),
+            ] {
+                w(&t, lo_reg, addr as u32);
+                w(&t, hi_reg, (addr >> 32) as u32);
+            }
+            w(&t, reg::QUEUE_READY, 1);
+            queues.push(dq);
+        }
+        w(&t, reg::STATUS, 3 | 8 | 4);
+        assert_eq!(r(&t, reg::STATUS) & (64 | 128), 0, "device failed to start");
+        Rig {
+            mem,
+            transport: t,
+            notify,
+            irq,
+            queues,
+            engine,
+        }
+    }
+
+    /// Keeps QUEUE_DEPTH requests in flight on every queue until `stop`; returns the
+    /// completions counted and the time they took. Requests still in flight then are
+    /// drained untimed.
+    fn run(&mut self, stop: Stop) -> (u64, Duration) {
+        let mem = self.mem.clone();
+        for (q, dq) in self.queues.iter_mut().enumerate() {
+            let old = dq.avail_idx;
+            for k in 0..QUEUE_DEPTH {
+                dq.queue_request(&mem, k);
+            }
+            if dq.publish(&mem, old) {
+                self.notify[q].write(1).expect("notify");
+            }
+        }
+        let start = Instant::now();
+        let mut done = 0u64;
+        let mut elapsed;
+        let mut refill = true;
+        loop {
+            self.wait_interrupt();
+            for (q, dq) in self.queues.iter_mut().enumerate() {
+                let (n, notify) = dq.reap(&mem, refill);
+                if refill {
+                    done += n;
+                }
+                if notify {
+                    self.notify[q].write(1).expect("notify");
+                }
+            }
+            elapsed = start.elapsed();
+            if refill {
+                refill = match stop {
+                    Stop::Count(n) => done < n,
+                    Stop::Time(d) => elapsed < d,
+                };
+                if !refill {
+                    // The measurement ends here; what is in flight is drained untimed.
+                    let t = elapsed;
+                    self.drain(&mem);
+                    return (done, t);
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self, mem: &GuestMemoryMmap) {
+        while self.queues.iter().any(|q| q.in_flight > 0) {
+            self.wait_interrupt();
+            for dq in &mut self.queues {
+                dq.reap(mem, false);
+            }
+        }
+    }
+
+    /// The guest's interrupt handler: the irqfd fires, the handler reads and acknowledges
+    /// InterruptStatus (two MMIO exits in a real guest).
+    fn wait_interrupt(&self) {
+        let mut pfd = libc::pollfd {
+            fd: self.irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert!(n == 1, "no interrupt from the device in 10 s");
+        let _ = self.irq.read();
+        let status = r(&self.transport, reg::INTERRUPT_STATUS);
+        w(&self.transport, reg::INTERRUPT_ACK, status);
+    }
+
+    /// Reads blocks through the device and compares them with the file (before timing).
+    fn verify_reads(&mut self, path: &Path) {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(path).expect("open");
+        let mem = self.mem.clone();
+        let dq = &mut self.queues[0];
+        let old = dq.avail_idx;
+        for k in 0..QUEUE_DEPTH {
+            dq.queue_request(&mem, k);
+        }
+        if dq.publish(&mem, old) {
+            self.notify[0].write(1).expect("notify");
+        }
+        self.drain(&mem);
+        let dq = &self.queues[0];
+        for k in 0..u64::from(QUEUE_DEPTH) {
+            let sector: u64 = mem
+                .read_obj(GuestAddress(dq.headers + 16 * k + 8))
+                .expect("header");
+            let mut want = vec![0u8; BLOCK as usize];
+            file.read_exact_at(&mut want, sector * 512).expect("pread");
+            let mut got = vec![0u8; BLOCK as usize];
+            mem.read_slice(&mut got, GuestAddress(dq.buffers + BLOCK * k))
+                .expect("buffer");
+            assert!(
+                got == want,
+                "block at sector {sector} read through the device differs from the file"
+            );
+        }
+    }
+}
+
+/// The bench file: created once (1 GiB of random data, every block allocated), then reused.
+fn bench_file() -> PathBuf {
+    let path = std::env::var_os("PODVMM_BLK_BENCH_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/podvmm-bench/blk_iops-1G.img"));
+    let ready = std::fs::metadata(&path)
+        .is_ok_and(|m| m.len() == FILE_SIZE && m.blocks() * 512 >= FILE_SIZE);
+    if ready {
+        return path;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("create the bench directory");
+    }
+    println!(
+        "podvmm-bench: writing the 1 GiB bench file {} (once)",
+        path.display()
+    );
+    let start = Instant::now();
+    let tmp = path.with_extension("partial");
+    let mut f = File::create(&tmp).expect("create the bench file");
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..FILE_SIZE >> 20 {
+        for word in chunk.chunks_exact_mut(8) {
+            word.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        f.write_all(&chunk).expect("write the bench file");
+    }
+    f.sync_all().expect("sync the bench file");
+    std::fs::rename(&tmp, &path).expect("rename the bench file");
+    println!(
+        "podvmm-bench: bench file written in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    path
+}
+
+/// fio's IOPS for the same pattern, or None when fio is missing.
+fn fio(path: &Path, num_jobs: u16, write: bool, secs: u64) -> Option<f64> {
+    let rw = if write { "randwrite" } else { "randread" };
+    let out = Command::new("fio")
+        .args([
+            "--name=podvmm-bench",
+            "--thread",
+            "--group_reporting",
+            "--minimal",
+        ])
+        .arg(format!("--filename={}", path.display()))
+        .arg(format!("--rw={rw}"))
+        .args([
+            "--bs=4k",
+            "--iodepth=32",
+            "--direct=1",
+            "--ioengine=io_uring",
+        ])
+        .arg(format!("--numjobs={num_jobs}"))
+        .arg(format!("--runtime={secs}"))
+        .args(["--time_based", "--randrepeat=0", "--norandommap"])
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Terse format v3: field 8 is read IOPS, field 49 write IOPS (1-based).
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("3;"))
+        .expect("fio terse line");
+    let fields: Vec<&str> = line.split(';').collect();
+    let field = if write { 48 } else { 7 };
+    fields.get(field).and_then(|f| f.parse().ok())
+}
+
+fn fio_version() -> Option<String> {
+    let out = Command::new("fio").arg("--version").output().ok()?;
+    Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Bench,
+    Test,
+    List,
+}
+
+fn mode_from_args() -> Mode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let has = |f: &str| args.iter().any(|a| a == f);
+    if has("--list") {
+        Mode::List
+    } else if has("--bench") && !has("--test") {
+        Mode::Bench
+    } else {
+        Mode::Test
+    }
+}
+
+fn quick_requested() -> bool {
+    let env = std::env::var("PODVMM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    env || std::env::args().any(|a| a == "--quick")
+}
+
+struct Config {
+    id: &'static str,
+    queues: u16,
+    write: bool,
+}
+
+const CONFIGS: [Config; 4] = [
+    Config {
+        id: "randread_4k_qd32_1q",
+        queues: 1,
+        write: false,
+    },
+    Config {
+        id: "randread_4k_qd32_4q",
+        queues: 4,
+        write: false,
+    },
+    Config {
+        id: "randwrite_4k_qd32_1q",
+        queues: 1,
+        write: true,
+    },
+    Config {
+        id: "randwrite_4k_qd32_4q",
+        queues: 4,
+        write: true,
+    },
+];
+
+fn main() {
+    let mode = mode_from_args();
+    let quick = quick_requested();
+    let (sample_size, measurement, warm_up, rounds, secs) = match (mode, quick) {
+        (Mode::Test, _) => (
+            10,
+            Duration::from_millis(200),
+            Duration::from_millis(50),
+            1,
+            1,
+        ),
+        (_, true) => (10, Duration::from_secs(1), Duration::from_millis(300), 1, 2),
+        (_, false) => (10, Duration::from_secs(4), Duration::from_secs(1), 5, 5),
+    };
+    let mut criterion = Criterion::default()
+        .sample_size(sample_size)
+        .measurement_time(measurement)
+        .warm_up_time(warm_up)
+        .configure_from_args();
+
+    if mode == Mode::List {
+        let mut group = criterion.benchmark_group("blk_iops");
+        for c in &CONFIGS {
+            group.bench_function(c.id, |b| b.iter(|| ()));
+        }
+        group.finish();
+        return;
+    }
+
+    let path = bench_file();
+    {
+        let mut rig = Rig::new(&path, 1, false);
+        println!(
+            "podvmm-bench: engine={} file={} size=1GiB direct=on queue_size={QUEUE_SIZE} depth={QUEUE_DEPTH} (indirect descriptors, event index)",
+            rig.engine.name(),
+            path.display()
+        );
+        rig.verify_reads(&path);
+        println!("podvmm-bench: verified: 32 random 4 KiB reads through the device equal the file");
+    }
+
+    let mut group = criterion.benchmark_group("blk_iops");
+    group.sampling_mode(SamplingMode::Flat);
+    group.throughput(Throughput::Elements(1));
+    for c in &CONFIGS {
+        let mut rig = Rig::new(&path, c.queues, c.write);
+        group.bench_function(c.id, |b| {
+            b.iter_custom(|iters| rig.run(Stop::Count(iters)).1)
+        });
+    }
+    group.finish();
+    criterion.final_summary();
+
+    let fio_version = fio_version();
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    println!(
+        "podvmm-bench: host cpus={} load average {} (other work on the host slows both sides)",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    );
+    match &fio_version {
+        Some(v) => {
+            println!("podvmm-bench: fio={v}, {rounds} round(s) of {secs} s each, taking turns")
+        }
+        None => println!("podvmm-bench: fio=absent (apt-get install fio): no host comparison"),
+    }
+    // PODVMM_BLK_BENCH_ONLY=<id>[,<id>...]: only those comparisons (for profiling).
+    let only = std::env::var("PODVMM_BLK_BENCH_ONLY").ok();
+    let selected: Vec<&Config> = CONFIGS
+        .iter()
+        .filter(|c| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|id| id == c.id))
+        })
+        .collect();
+    let mut results = Vec::new();
+    for c in &selected {
+        let (mut dev_ios, mut dev_time, mut dev_rounds, mut fio_iops) =
+            (0u64, 0f64, Vec::new(), Vec::new());
+        // Taking turns: device, fio, device, fio...
+        for _ in 0..rounds {
+            let mut rig = Rig::new(&path, c.queues, c.write);
+            let (n, t) = rig.run(Stop::Time(Duration::from_secs(secs)));
+            drop(rig);
+            dev_ios += n;
+            dev_time += t.as_secs_f64();
+            dev_rounds.push(n as f64 / t.as_secs_f64());
+            if fio_version.is_some() {
+                fio_iops.extend(fio(&path, c.queues, c.write, secs));
+            }
+        }
+        let dev = dev_ios as f64 / dev_time;
+        let host =
+            (!fio_iops.is_empty()).then(|| fio_iops.iter().sum::<f64>() / fio_iops.len() as f64);
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        println!(
+            "podvmm-bench: {} device_iops={dev:.0} fio_iops={} ratio={} (rounds: device {} fio {})",
+            c.id,
+            host.map_or("n/a".into(), |h| format!("{h:.0}")),
+            host.map_or("n/a".into(), |h| format!("{:.3}", dev / h)),
+            list(&dev_rounds),
+            list(&fio_iops),
+        );
+        results.push((c.id, dev, host));
+    }
+    println!("podvmm-bench: load average after {}", loadavg());
+    let get = |id: &str| results.iter().find(|r| r.0 == id).map(|r| (r.1, r.2));
+    let fmt = |v: f64| format!("{v:.0}");
+    // The headline (1 queue, reads) last.
+    for (id, suffix, ratio_name) in [
+        ("randread_4k_qd32_4q", "_4q", "iops_ratio_4q_vs_host"),
+        ("randwrite_4k_qd32_1q", "_write", "iops_ratio_write_vs_host"),
+        (
+            "randwrite_4k_qd32_4q",
+            "_write_4q",
+            "iops_ratio_write_4q_vs_host",
+        ),
+        ("randread_4k_qd32_1q", "", "iops_ratio_vs_host"),
+    ] {
+        let Some((dev, host)) = get(id) else { continue };
+        let (blk_name, fio_name) = match suffix {
+            "_write" => ("blk_write_iops".to_string(), "fio_write_iops".to_string()),
+            "_write_4q" => (
+                "blk_write_iops_4q".to_string(),
+                "fio_write_iops_4q".to_string(),
+            ),
+            s => (format!("blk_iops{s}"), format!("fio_iops{s}")),
+        };
+        println!("podvmm-bench: {blk_name}={}", fmt(dev));
+        println!(
+            "podvmm-bench: {fio_name}={}",
+            host.map_or("n/a".into(), fmt)
+        );
+        println!(
+            "podvmm-bench: {ratio_name}={}",
+            host.map_or("n/a".into(), |h| format!("{:.3}", dev / h))
+        );
+    }
+}

@@ -1,0 +1,402 @@
+//! Bad input over the socket: each gets a 4xx that says what was wrong, the server stays up,
+//! and a running VM carries on as if nothing happened.
+
+mod api_support;
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use api_support::*;
+use common::*;
+use serde_json::json;
+
+#[test]
+fn bad_configurations_are_refused_before_any_vm_exists() {
+    let dir = TempDir::new("api-badcfg");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&hold_guest_code()));
+    let k = path_str(&kernel);
+    let server = Server::start(&dir, &[]);
+    let cases: Vec<(String, u16, &str)> = vec![
+        // Malformed JSON, and JSON that is not an object.
+        (r#"{"payload": {"kernel": "#.into(), 400, "malformed JSON"),
+        ("null".into(), 400, "JSON object"),
+        (String::new(), 400, "needs a JSON body"),
+        // Unknown fields, at the top and inside a section.
+        (
+            json!({"payload": {"kernel": k}, "gpus": 1}).to_string(),
+            400,
+            "unknown field `gpus`",
+        ),
+        (
+            json!({"payload": {"kernel": k, "bootloader": "x"}}).to_string(),
+            400,
+            "unknown field `bootloader`",
+        ),
+        // Cloud Hypervisor fields asking for what podvmm does not do.
+        (
+            json!({"payload": {"kernel": k}, "memory": {"size": 1u64 << 30, "shared": true}})
+                .to_string(),
+            400,
+            "memory.shared",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "fs": [{"tag": "t", "socket": "/s"}]}).to_string(),
+            400,
+            "virtio-fs",
+        ),
+        // Sizes that do not parse or make no sense.
+        (
+            json!({"payload": {"kernel": k}, "memory": {"size": "2G"}}).to_string(),
+            400,
+            "invalid type",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "memory": {"size": -1}}).to_string(),
+            400,
+            "invalid value",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "memory": {"size": 0}}).to_string(),
+            400,
+            "memory size",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "memory": {"size": 1u64 << 62}}).to_string(),
+            400,
+            "more than the host has",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "cpus": {"boot_vcpus": 0, "max_vcpus": 0}})
+                .to_string(),
+            400,
+            "at least 1",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "cpus": {"boot_vcpus": 2, "max_vcpus": 4}})
+                .to_string(),
+            400,
+            "hotplug",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "cpus": {"boot_vcpus": 1000, "max_vcpus": 1000}})
+                .to_string(),
+            400,
+            "at most 254",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "cpus": {"boot_vcpus": 1.5, "max_vcpus": 1}})
+                .to_string(),
+            400,
+            "invalid type",
+        ),
+        // Pod limits: malformed, negative, absurd.
+        (
+            json!({"payload": {"kernel": k}, "pod": {"containers": [{"cpu": "1.5.5"}]}})
+                .to_string(),
+            400,
+            "pod.containers[0].cpu",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "pod": {"containers": [{"memory": "12GB"}]}})
+                .to_string(),
+            400,
+            "suffix",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "pod": {"containers": [{}, {"cpu": "-1"}]}})
+                .to_string(),
+            400,
+            "negative",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "pod": {"containers": [{"cpu": "300"}]}}).to_string(),
+            400,
+            "vCPUs",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "pod": {"containers": [{"memory": "1e40"}]}})
+                .to_string(),
+            400,
+            "too large",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "pod": {"containers": [{"memory": "17Ti"}]}})
+                .to_string(),
+            400,
+            "16 TiB",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "pod": {"containers": [{"cpu": 2}]}}).to_string(),
+            400,
+            "invalid type",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "pod": {"containers": [{"gpu": "1"}]}}).to_string(),
+            400,
+            "unknown field `gpu`",
+        ),
+        // Paths that do not exist.
+        (
+            json!({"payload": {"kernel": "/nonexistent/vmlinux"}}).to_string(),
+            400,
+            "/nonexistent/vmlinux",
+        ),
+        (
+            json!({"payload": {"kernel": k, "initramfs": "/nonexistent/initrd"}}).to_string(),
+            400,
+            "/nonexistent/initrd",
+        ),
+        (
+            json!({"payload": {"kernel": "/"}}).to_string(),
+            400,
+            "not a regular file",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "disks": [{"path": "/nonexistent/disk"}]}).to_string(),
+            400,
+            "/nonexistent/disk",
+        ),
+        (json!({"payload": {}}).to_string(), 400, "no kernel"),
+        (
+            json!({"payload": {"kernel": k}, "net": [{"mac": "zz:00:00:00:00:01"}]}).to_string(),
+            400,
+            "mac",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "vsock": {"cid": 2, "socket": "/s"}}).to_string(),
+            400,
+            "reserved",
+        ),
+    ];
+    for (body, status, needle) in &cases {
+        let msg = server.refused("PUT", "vm.create", Some(body), *status);
+        assert!(msg.contains(needle), "{body}: {msg}");
+        // Nothing was created.
+        server.refused("GET", "vm.info", None, 404);
+    }
+    // Wrong-state calls with no VM: 404 with a message.
+    for ep in [
+        "vm.boot",
+        "vm.pause",
+        "vm.resume",
+        "vm.shutdown",
+        "vm.add-vsock",
+    ] {
+        let body = (ep == "vm.add-vsock").then_some(r#"{"cid":3,"socket":"/tmp/v"}"#);
+        assert!(server
+            .refused("PUT", ep, body, 404)
+            .contains("vm.create first"));
+    }
+    server.refused("GET", "vm.counters", None, 404);
+
+    // In state Created: device mistakes.
+    let serial = dir.path("serial.log");
+    server.ok(
+        "PUT",
+        "vm.create",
+        Some(&vm_config(&kernel, "x", &serial).to_string()),
+    );
+    let msg = server.refused(
+        "PUT",
+        "vm.add-disk",
+        Some(r#"{"path":"/nonexistent/d.img"}"#),
+        400,
+    );
+    assert!(msg.contains("/nonexistent/d.img"), "{msg}");
+    server.refused(
+        "PUT",
+        "vm.add-disk",
+        Some(r#"{"path":"/x","vhost_user":true}"#),
+        400,
+    );
+    server.refused(
+        "PUT",
+        "vm.add-net",
+        Some(r#"{"mac":"01:00:00:00:00:01"}"#),
+        400,
+    );
+    server.refused("PUT", "vm.add-net", Some(r#"{"num_queues":3}"#), 400);
+    // A descriptor that is not a TAP device.
+    let mut c = server.client();
+    let r = c
+        .request_with_fds(
+            "PUT",
+            "vm.add-net",
+            Some(b"{}"),
+            &[kernel_file_fd(&kernel).as_raw_fd()],
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(
+        r.error_message().contains("not a TAP"),
+        "{}",
+        r.error_message()
+    );
+    let vsock = json!({"cid": 3, "socket": dir.path("vsock.sock")}).to_string();
+    server.ok("PUT", "vm.add-vsock", Some(&vsock));
+    assert!(server
+        .refused(
+            "PUT",
+            "vm.add-vsock",
+            Some(r#"{"cid":4,"socket":"/tmp/w"}"#),
+            409
+        )
+        .contains("already has a vsock"));
+    server.refused(
+        "PUT",
+        "vm.create",
+        Some(&vm_config(&kernel, "y", &serial).to_string()),
+        409,
+    );
+    // Booting with a device podvmm does not have yet is a clean error, not a crash.
+    let r = server.call("PUT", "vm.boot", None);
+    if !r.is_success() {
+        assert!((400..600).contains(&r.status));
+        assert!(r.error_message().contains("vsock"), "{}", r.error_message());
+        assert_eq!(server.state(), "Created");
+    }
+    server.ok("GET", "vmm.ping", None);
+}
+
+fn kernel_file_fd(path: &std::path::Path) -> std::fs::File {
+    std::fs::File::open(path).unwrap()
+}
+
+#[test]
+fn abuse_of_a_running_vmm_leaves_the_guest_running() {
+    let dir = TempDir::new("api-abuse");
+    let kernel = dir.write("ticker.elf", &pvh_elf(&ticker_guest_code()));
+    let serial = dir.path("serial.log");
+    let server = Server::start(&dir, &[]);
+    let config = vm_config(&kernel, "abuse", &serial).to_string();
+    server.ok("PUT", "vm.create", Some(&config));
+    server.ok("PUT", "vm.boot", None);
+    wait_for_output(&serial, "012", Duration::from_secs(20));
+    let info_before = server.info();
+
+    // Calls that make no sense while Running.
+    assert!(server
+        .refused("PUT", "vm.boot", None, 409)
+        .contains("already running"));
+    assert!(server
+        .refused("PUT", "vm.resume", None, 409)
+        .contains("not paused"));
+    assert!(server
+        .refused("PUT", "vm.create", Some(&config), 409)
+        .contains("already exists"));
+    for (ep, body) in [
+        ("vm.add-disk", json!({"path": path_str(&kernel)})),
+        ("vm.add-net", json!({"mac": "02:00:00:00:00:09"})),
+        ("vm.add-vsock", json!({"cid": 3, "socket": "/tmp/x.sock"})),
+    ] {
+        let msg = server.refused("PUT", ep, Some(&body.to_string()), 409);
+        assert!(msg.contains("hotplug"), "{ep}: {msg}");
+    }
+    // Transport-level abuse.
+    let sock = &server.socket;
+    assert_eq!(
+        status_of(&raw_exchange(sock, b"\x00\x01garbage\r\n\r\n")),
+        400
+    );
+    assert_eq!(
+        status_of(&raw_exchange(sock, b"GET /api/v1/vm.info HTTP/9.9\r\n\r\n")),
+        400
+    );
+    assert_eq!(
+        status_of(&raw_exchange(
+            sock,
+            b"GET /api/v2/vm.info HTTP/1.1\r\nConnection: close\r\n\r\n"
+        )),
+        404
+    );
+    assert_eq!(
+        status_of(&raw_exchange(
+            sock,
+            b"POST /api/v1/vm.boot HTTP/1.1\r\nConnection: close\r\n\r\n"
+        )),
+        405
+    );
+    assert_eq!(
+        status_of(&raw_exchange(
+            sock,
+            b"PUT /api/v1/vm.snapshot HTTP/1.1\r\nConnection: close\r\n\r\n"
+        )),
+        501
+    );
+    // A body of megabytes: refused from its length.
+    let big = format!(
+        "PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        8 << 20
+    );
+    let resp = raw_exchange(sock, big.as_bytes());
+    assert_eq!(status_of(&resp), 413, "{resp}");
+    // ... and when it is actually sent.
+    let mut c = server.client();
+    let r = c
+        .request("PUT", "vm.create", Some(&vec![b' '; 3 << 20]))
+        .unwrap();
+    assert_eq!(r.status, 413);
+    // A client that disconnects mid-request, one that stalls, many that sit idle.
+    let mut gone = UnixStream::connect(sock).unwrap();
+    gone.write_all(b"PUT /api/v1/vm.shutdown HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+        .unwrap();
+    drop(gone);
+    let mut stalled = UnixStream::connect(sock).unwrap();
+    stalled.write_all(b"PUT /api/v1/vm.shut").unwrap();
+    let mut idle: Vec<UnixStream> = (0..70)
+        .map(|_| UnixStream::connect(sock).unwrap())
+        .collect();
+    // Past the connection cap (64): a 503 that says so. A slot may still free up as an
+    // earlier connection's thread ends; then one more idle client takes it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = raw_exchange(
+            sock,
+            b"GET /api/v1/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        if status_of(&resp) == 503 {
+            assert!(resp.contains("too many API connections"), "{resp}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no 503 past the cap: {resp}");
+        idle.push(UnixStream::connect(sock).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(idle);
+    // Slots come back as soon as the idle clients go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = raw_exchange(
+            sock,
+            b"GET /api/v1/vmm.ping HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        if status_of(&resp) == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{resp}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Served at once while the stalled client still holds its connection.
+    let t = Instant::now();
+    server.ok("GET", "vm.info", None);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    drop(stalled);
+
+    // Through all that: the server answers, the VM is Running, its config unchanged, and the
+    // guest still counts.
+    server.ok("GET", "vmm.ping", None);
+    let info = server.info();
+    assert_eq!(info["state"], "Running");
+    assert_eq!(info["config"], info_before["config"]);
+    let len = read_lossy(&serial).len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read_lossy(&serial).len() < len + 8 {
+        assert!(Instant::now() < deadline, "the guest stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stderr = server.stderr_text();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,0 +1,205 @@
+//! The freestanding test guest (`testguest/`, see docs/testguest.md): building it, disks
+//! holding the pattern it checks, running it under podvmm and reading its `TESTGUEST` lines.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+
+/// The pattern the guest expects on a disk: the 8-byte little-endian word at byte offset
+/// `o` holds `o ^ DISK_KEY` (`testguest/src/blk.rs`).
+pub const DISK_KEY: u64 = 0x5445_5354_4755_4553;
+/// What the guest's write test writes: `o ^ WRITE_KEY`.
+pub const WRITE_KEY: u64 = 0x5752_4954_5445_5354;
+
+/// The test guest's ELF, built once per test process (cargo's own lock on the target
+/// directory serialises builds from several test processes). `PODVMM_TESTGUEST=<path>` uses
+/// a prebuilt image instead.
+pub fn testguest() -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match BUILT.get_or_init(build) {
+        Ok(p) => p.clone(),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn build() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("PODVMM_TESTGUEST") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target_dir = root.join("target").join("testguest");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The guest's link arguments come from its build.rs; flags meant for the host build
+    // (RUSTFLAGS, a cross target) must not leak into it.
+    let out = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .arg(root.join("testguest").join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run cargo to build the test guest: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the test guest failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(target_dir.join("release").join("testguest"))
+}
+
+/// Writes a disk image of `size` bytes (a multiple of 8) holding the guest's pattern.
+pub fn pattern_disk(path: &Path, size: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create disk"));
+    let mut chunk = Vec::with_capacity(1 << 20);
+    let mut o = 0u64;
+    while o < size {
+        chunk.clear();
+        let end = (o + (1 << 20)).min(size);
+        while o < end {
+            chunk.extend_from_slice(&(o ^ DISK_KEY).to_le_bytes());
+            o += 8;
+        }
+        f.write_all(&chunk).expect("write disk");
+    }
+    f.flush().expect("flush disk");
+}
+
+/// Returns the first offset in `bytes` (which start at disk offset `base`) that does not
+/// hold the pattern of `key`.
+pub fn first_mismatch(bytes: &[u8], base: u64, key: u64) -> Option<u64> {
+    bytes.chunks_exact(8).enumerate().find_map(|(i, w)| {
+        let o = base + 8 * i as u64;
+        (u64::from_le_bytes(w.try_into().unwrap()) != o ^ key).then_some(o)
+    })
+}
+
+/// One run of the test guest.
+pub struct GuestRun {
+    pub stdout: String,
+    pub stderr: String,
+    pub status: ExitStatus,
+}
+
+/// Boots the test guest with `cmdline` (our options; podvmm appends the devices) and the
+/// extra podvmm arguments `args`, killing it after `timeout_s` seconds.
+pub fn run_testguest(cmdline: &str, args: &[&str], timeout_s: u32) -> GuestRun {
+    run_testguest_under(&[], cmdline, args, timeout_s)
+}
+
+/// [`run_testguest`] with podvmm started through `wrapper` (e.g. `ip netns exec NAME`).
+pub fn run_testguest_under(
+    wrapper: &[&str],
+    cmdline: &str,
+    args: &[&str],
+    timeout_s: u32,
+) -> GuestRun {
+    let kernel = testguest();
+    let (program, wrapper_args) = match wrapper.split_first() {
+        Some((p, rest)) => (*p, rest),
+        None => ("env", &[][..]),
+    };
+    let out = Command::new(program)
+        .args(wrapper_args)
+        .arg("timeout")
+        .arg("--kill-after=5")
+        .arg(timeout_s.to_string())
+        .arg(env!("CARGO_BIN_EXE_podvmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args([
+            "--memory",
+            "size=256M",
+            "--serial",
+            "tty",
+            "--cmdline",
+            cmdline,
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run podvmm");
+    GuestRun {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        status: out.status,
+    }
+}
+
+impl GuestRun {
+    /// The `key=value` pairs of every `TESTGUEST <kind> ...` line.
+    pub fn lines(&self, kind: &str) -> Vec<HashMap<String, String>> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("TESTGUEST "))
+            .filter_map(|l| l.strip_prefix(kind)?.strip_prefix(' '))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .filter_map(|w| w.split_once('='))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// `key` of the first `TESTGUEST <kind>` line that has `key`.
+    pub fn value(&self, kind: &str, key: &str) -> Option<String> {
+        self.lines(kind).into_iter().find_map(|mut m| m.remove(key))
+    }
+
+    /// `key` of the first `TESTGUEST <kind> <sub> ...` line (e.g. `blk iops`), as a number.
+    pub fn num(&self, kind: &str, sub: &str, key: &str) -> Option<u64> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("TESTGUEST "))
+            .filter_map(|l| {
+                l.strip_prefix(kind)?
+                    .strip_prefix(' ')?
+                    .strip_prefix(sub)?
+                    .strip_prefix(' ')
+            })
+            .flat_map(|rest| rest.split_whitespace())
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    }
+
+    /// The status of test `name` (`pass`, `fail`, `skip`), from its `result` line.
+    pub fn result(&self, name: &str) -> Option<String> {
+        self.lines("result")
+            .into_iter()
+            .find(|m| m.get("test").map(String::as_str) == Some(name))
+            .and_then(|mut m| m.remove("status"))
+    }
+
+    /// Everything, for assertion messages.
+    pub fn dump(&self) -> String {
+        format!(
+            "status: {}\n--- guest console ---\n{}--- podvmm stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+
+    /// Asserts that the guest ran test `name` to a pass, reached its `end` line with every
+    /// test passed, and reset the machine (podvmm exit 0).
+    pub fn assert_passed(&self, name: &str) {
+        assert_eq!(
+            self.result(name).as_deref(),
+            Some("pass"),
+            "{}",
+            self.dump()
+        );
+        assert_eq!(
+            self.value("end", "status").as_deref(),
+            Some("pass"),
+            "{}",
+            self.dump()
+        );
+        assert!(self.status.success(), "{}", self.dump());
+    }
+}

@@ -1,0 +1,868 @@
+//! The VMM thread: owns the VM and its lifecycle, and answers API requests.
+//!
+//! It waits (epoll) on two things: the API mailbox's wake-up descriptor, and, while a guest
+//! runs, the VM's exit event. API requests arrive as [`ApiRequest`] messages and are answered
+//! on their one-shot channel; nothing else touches the VM. A guest that resets or powers off
+//! moves the VM to `Shutdown` (its vCPU threads joined, its memory released) and the VMM
+//! stays up, as Cloud Hypervisor does.
+//!
+//! States: no VM → `vm.create` → Created → `vm.boot` → Running ⇄ Paused (`vm.pause`,
+//! `vm.resume`); Running/Paused → `vm.shutdown` or a guest stop → Shutdown → `vm.boot` again;
+//! `vm.delete` from any state → no VM.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use api::control::{
+    AddDevice, ApiError, ApiReply, ApiRequest, ApiResult, BootDigests, Counters, CreateVm,
+    PingInfo, VmInfo, VmState, VmmMailbox,
+};
+use api::pod::{self, Sizing};
+use api::{DiskConfig, NetConfig, VmConfig, VsockConfig};
+use hypervisor::Selection;
+use sha2::{Digest, Sha256};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::device_manager::DeviceError;
+use crate::{Error, ExitReason, Vm};
+
+const TOKEN_API: u64 = 0;
+const TOKEN_VM: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("setting up the VMM thread's event loop: {0}")]
+    Epoll(#[source] io::Error),
+}
+
+/// The configured VM and, once booted, the running one.
+struct Slot {
+    config: VmConfig,
+    sizing: Sizing,
+    ignored: BTreeSet<String>,
+    /// TAP descriptors received with `vm.add-net`, one list per `config.net` entry; their raw
+    /// numbers are in each entry's `fds`, valid for as long as the entry exists.
+    net_fds: Vec<Vec<OwnedFd>>,
+    state: VmState,
+    vm: Option<Vm>,
+    digests: Option<BootDigests>,
+    stop_reason: Option<String>,
+}
+
+pub struct Vmm {
+    selection: Selection,
+    slot: Option<Slot>,
+    epoll: Epoll,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(msg.into())
+}
+
+fn conflict(msg: impl Into<String>) -> ApiError {
+    ApiError::Conflict(msg.into())
+}
+
+const NO_VM: &str = "no VM has been created (vm.create first)";
+
+impl Vmm {
+    pub fn new(selection: Selection) -> Result<Self, ControlError> {
+        Ok(Vmm {
+            selection,
+            slot: None,
+            epoll: Epoll::new().map_err(ControlError::Epoll)?,
+        })
+    }
+
+    /// Serves `mailbox` until `vmm.shutdown`. The VM, if any, is torn down before returning.
+    pub fn run(&mut self, mailbox: &VmmMailbox) -> Result<(), ControlError> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                mailbox.fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_API),
+            )
+            .map_err(ControlError::Epoll)?;
+        let mut events = vec![EpollEvent::default(); 4];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ControlError::Epoll(e)),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    TOKEN_VM => self.guest_stopped(),
+                    _ => {
+                        for message in mailbox.drain() {
+                            let exit = matches!(message.request, ApiRequest::VmmShutdown);
+                            let answer = self.handle(message.request);
+                            let exit = exit && answer.is_ok();
+                            // The client may have gone; the request is done either way.
+                            let _ = message.reply.send(answer);
+                            if exit {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers one request.
+    pub fn handle(&mut self, request: ApiRequest) -> ApiResult {
+        match request {
+            ApiRequest::VmmPing => Ok(ApiReply::Ping(ping())),
+            ApiRequest::VmmShutdown => {
+                if let Some(slot) = self.slot.as_mut() {
+                    release(&self.epoll, slot);
+                }
+                Ok(ApiReply::Empty)
+            }
+            ApiRequest::VmCreate(create) => self.create(*create).map(|_| ApiReply::Empty),
+            ApiRequest::VmBoot => self.boot().map(|_| ApiReply::Empty),
+            ApiRequest::VmInfo => self.info().map(|i| ApiReply::Info(Box::new(i))),
+            ApiRequest::VmShutdown => self.shutdown().map(|_| ApiReply::Empty),
+            ApiRequest::VmDelete => {
+                // As in Cloud Hypervisor, deleting when there is nothing is not an error.
+                if let Some(mut slot) = self.slot.take() {
+                    release(&self.epoll, &mut slot);
+                }
+                Ok(ApiReply::Empty)
+            }
+            ApiRequest::VmPause => self.pause().map(|_| ApiReply::Empty),
+            ApiRequest::VmResume => self.resume().map(|_| ApiReply::Empty),
+            ApiRequest::VmCounters => self.counters().map(ApiReply::Counters),
+            ApiRequest::VmAddDisk(add) => self.add_disk(*add).map(|_| ApiReply::Empty),
+            ApiRequest::VmAddNet(add) => self.add_net(*add).map(|_| ApiReply::Empty),
+            ApiRequest::VmAddVsock(add) => self.add_vsock(*add).map(|_| ApiReply::Empty),
+        }
+    }
+
+    /// The VM's state, if there is one.
+    pub fn state(&self) -> Option<VmState> {
+        self.slot.as_ref().map(|s| s.state)
+    }
+
+    fn slot(&mut self) -> Result<&mut Slot, ApiError> {
+        self.slot
+            .as_mut()
+            .ok_or_else(|| ApiError::NotFound(NO_VM.into()))
+    }
+
+    fn create(&mut self, create: CreateVm) -> Result<(), ApiError> {
+        if let Some(slot) = &self.slot {
+            return Err(conflict(format!(
+                "a VM already exists (state {:?}); vm.delete it first",
+                slot.state
+            )));
+        }
+        let CreateVm {
+            mut config,
+            explicit,
+            ignored,
+        } = create;
+        let sizing = pod::apply(&mut config, explicit).map_err(|e| bad(e.to_string()))?;
+        check_config(&config)?;
+        let net_fds = config.net.iter().flatten().map(|_| Vec::new()).collect();
+        self.slot = Some(Slot {
+            config,
+            sizing,
+            ignored,
+            net_fds,
+            state: VmState::Created,
+            vm: None,
+            digests: None,
+            stop_reason: None,
+        });
+        Ok(())
+    }
+
+    fn boot(&mut self) -> Result<(), ApiError> {
+        let selection = self.selection;
+        let slot = self.slot()?;
+        match slot.state {
+            VmState::Created | VmState::Shutdown => {}
+            VmState::Running => return Err(conflict("the VM is already running")),
+            VmState::Paused => {
+                return Err(conflict("the VM is paused (vm.resume it, or vm.shutdown)"))
+            }
+        }
+        let kernel = measure("payload.kernel", slot.config.payload.kernel.as_deref())?
+            .ok_or_else(|| bad("no kernel given (payload.kernel)"))?;
+        let initramfs = measure(
+            "payload.initramfs",
+            slot.config.payload.initramfs.as_deref(),
+        )?;
+        let mut vm = Vm::new(&slot.config, selection).map_err(boot_error)?;
+        for m in std::iter::once(&kernel).chain(initramfs.as_ref()) {
+            if !m.unchanged() {
+                return Err(conflict(format!(
+                    "{} {} changed while the VM was being built; boot again",
+                    m.what,
+                    m.path.display()
+                )));
+            }
+        }
+        let cmdline = vm.cmdline().to_string();
+        vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            vm.exit_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_VM),
+        ) {
+            vm.stop();
+            return Err(ApiError::Internal(format!("watching the VM: {e}")));
+        }
+        let slot = self.slot()?;
+        slot.digests = Some(BootDigests {
+            kernel_sha256: kernel.sha256,
+            initramfs_sha256: initramfs.map(|m| m.sha256),
+            cmdline_sha256: hex(&Sha256::digest(cmdline.as_bytes())),
+            cmdline,
+        });
+        slot.vm = Some(vm);
+        slot.state = VmState::Running;
+        slot.stop_reason = None;
+        Ok(())
+    }
+
+    fn info(&mut self) -> Result<VmInfo, ApiError> {
+        let slot = self.slot()?;
+        Ok(VmInfo {
+            config: slot.config.clone(),
+            state: slot.state,
+            memory_actual_size: slot.config.memory.size,
+            sizing: slot.sizing.clone(),
+            boot_digests: slot.digests.clone(),
+            ignored_fields: slot.ignored.clone(),
+            stop_reason: slot.stop_reason.clone(),
+            agent_ready_ms: slot.vm.as_ref().and_then(Vm::agent_ready_ms),
+        })
+    }
+
+    fn shutdown(&mut self) -> Result<(), ApiError> {
+        let epoll = &self.epoll;
+        let slot = self
+            .slot
+            .as_mut()
+            .ok_or_else(|| ApiError::NotFound(NO_VM.into()))?;
+        match slot.state {
+            VmState::Running | VmState::Paused => {
+                release(epoll, slot);
+                slot.state = VmState::Shutdown;
+                slot.stop_reason = Some("vm.shutdown".into());
+                Ok(())
+            }
+            VmState::Created => Err(conflict("the VM has not been booted")),
+            VmState::Shutdown => Err(conflict("the VM is already shut down")),
+        }
+    }
+
+    fn pause(&mut self) -> Result<(), ApiError> {
+        let slot = self.slot()?;
+        match (slot.state, &slot.vm) {
+            (VmState::Running, Some(vm)) => {
+                vm.pause().map_err(|e| ApiError::Internal(e.to_string()))?;
+                slot.state = VmState::Paused;
+                Ok(())
+            }
+            (VmState::Paused, _) => Err(conflict("the VM is already paused")),
+            (state, _) => Err(conflict(format!("the VM is not running (state {state:?})"))),
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ApiError> {
+        let slot = self.slot()?;
+        match (slot.state, &slot.vm) {
+            (VmState::Paused, Some(vm)) => {
+                vm.resume();
+                slot.state = VmState::Running;
+                Ok(())
+            }
+            (state, _) => Err(conflict(format!("the VM is not paused (state {state:?})"))),
+        }
+    }
+
+    fn counters(&mut self) -> Result<Counters, ApiError> {
+        let slot = self.slot()?;
+        let Some(vm) = &slot.vm else {
+            return Err(conflict(format!(
+                "the VM is not running (state {:?})",
+                slot.state
+            )));
+        };
+        let mut counters = Counters::new();
+        for disk in &vm.devices().disks {
+            let c = &disk.counters;
+            let entries = [
+                ("read_ops", &c.reads),
+                ("write_ops", &c.writes),
+                ("flush_ops", &c.flushes),
+                ("read_bytes", &c.read_bytes),
+                ("write_bytes", &c.write_bytes),
+                ("invalid_requests", &c.invalid_requests),
+                ("io_errors", &c.io_errors),
+                ("syncs", &c.syncs),
+                ("interrupts", &c.interrupts),
+            ];
+            counters.insert(
+                disk.id.clone(),
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+                    .collect(),
+            );
+        }
+        for net in &vm.devices().nets {
+            let c = &net.counters;
+            let entries = [
+                ("rx_frames", &c.rx_frames),
+                ("rx_bytes", &c.rx_bytes),
+                ("tx_frames", &c.tx_frames),
+                ("tx_bytes", &c.tx_bytes),
+                ("tx_invalid", &c.tx_invalid),
+                ("rx_invalid", &c.rx_invalid),
+                ("tx_denied", &c.tx_denied),
+                ("tx_errors", &c.tx_errors),
+                ("rx_dropped", &c.rx_dropped),
+                ("rx_stalls", &c.rx_stalls),
+                ("ctrl_errors", &c.ctrl_errors),
+            ];
+            counters.insert(
+                net.id.clone(),
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+                    .collect(),
+            );
+        }
+        Ok(counters)
+    }
+
+    /// Where a device may be added: only before boot (or after a shutdown).
+    fn cold_slot(&mut self, what: &str) -> Result<&mut Slot, ApiError> {
+        let slot = self.slot()?;
+        match slot.state {
+            VmState::Created | VmState::Shutdown => Ok(slot),
+            state => Err(conflict(format!(
+                "the VM is {state:?}: adding {what} to a booted VM (hotplug) is not supported; add devices before vm.boot"
+            ))),
+        }
+    }
+
+    fn add_disk(&mut self, add: AddDevice<DiskConfig>) -> Result<(), ApiError> {
+        let slot = self.cold_slot("a disk")?;
+        check_disk(&add.config)?;
+        check_unique_id(&slot.config, add.config.id.as_deref())?;
+        slot.config
+            .disks
+            .get_or_insert_with(Vec::new)
+            .push(add.config);
+        slot.ignored.extend(add.ignored);
+        Ok(())
+    }
+
+    fn add_net(&mut self, add: AddDevice<NetConfig>) -> Result<(), ApiError> {
+        let slot = self.cold_slot("a network device")?;
+        let AddDevice {
+            mut config,
+            fds,
+            ignored,
+        } = add;
+        check_net(&config)?;
+        check_unique_id(&slot.config, config.id.as_deref())?;
+        for fd in &fds {
+            check_tap(fd)?;
+        }
+        config.fds = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        slot.config.net.get_or_insert_with(Vec::new).push(config);
+        slot.net_fds.push(fds);
+        slot.ignored.extend(ignored);
+        Ok(())
+    }
+
+    fn add_vsock(&mut self, add: AddDevice<VsockConfig>) -> Result<(), ApiError> {
+        let slot = self.cold_slot("a vsock device")?;
+        if slot.config.vsock.is_some() {
+            return Err(conflict("the VM already has a vsock device"));
+        }
+        check_vsock(&add.config)?;
+        check_unique_id(&slot.config, add.config.id.as_deref())?;
+        slot.config.vsock = Some(add.config);
+        slot.ignored.extend(add.ignored);
+        Ok(())
+    }
+
+    /// The guest stopped by itself (reset, power-off, crash): the VM moves to Shutdown.
+    fn guest_stopped(&mut self) {
+        let Some(slot) = self.slot.as_mut() else {
+            return;
+        };
+        // A readiness report can outlive its VM (shut down and booted again by requests
+        // handled in the same wake-up): only a pending exit counts.
+        let Some(reason) = slot.vm.as_ref().and_then(Vm::exit_reason) else {
+            return;
+        };
+        match &reason {
+            ExitReason::Reset | ExitReason::Shutdown => {}
+            ExitReason::TripleFault => eprintln!("podvmm: guest stopped: triple fault"),
+            ExitReason::GuestError(msg) => eprintln!("podvmm: guest stopped: {msg}"),
+        }
+        release(&self.epoll, slot);
+        slot.state = VmState::Shutdown;
+        slot.stop_reason = Some(match reason {
+            ExitReason::Reset => "Reset".into(),
+            ExitReason::Shutdown => "Shutdown".into(),
+            ExitReason::TripleFault => "TripleFault".into(),
+            ExitReason::GuestError(msg) => format!("GuestError: {msg}"),
+        });
+    }
+}
+
+/// Stops the running VM, if any: vCPU threads joined, memory and devices released.
+fn release(epoll: &Epoll, slot: &mut Slot) {
+    if let Some(mut vm) = slot.vm.take() {
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            vm.exit_fd(),
+            EpollEvent::default(),
+        );
+        vm.stop();
+    }
+}
+
+fn ping() -> PingInfo {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut features = vec!["kvm".to_string()];
+    if cfg!(feature = "mshv") {
+        features.push("mshv".into());
+    }
+    PingInfo {
+        build_version: format!("podvmm v{version}"),
+        version: version.into(),
+        pid: i64::from(std::process::id()),
+        features,
+    }
+}
+
+/// What can be checked when the configuration arrives, so mistakes are reported by
+/// `vm.create` rather than at boot.
+fn check_config(config: &VmConfig) -> Result<(), ApiError> {
+    config.validate().map_err(|e| bad(e.to_string()))?;
+    if config.cpus.boot_vcpus > pod::MAX_VCPUS {
+        return Err(bad(format!(
+            "{} vCPUs requested; podvmm supports at most {}",
+            config.cpus.boot_vcpus,
+            pod::MAX_VCPUS
+        )));
+    }
+    let size = config.memory.size;
+    if size < boot::layout::MIN_MEMORY {
+        return Err(bad(format!(
+            "memory size {size} bytes is below the minimum of {} MiB",
+            boot::layout::MIN_MEMORY >> 20
+        )));
+    }
+    if let Some(host) = crate::host_memory_bytes() {
+        if size > host {
+            return Err(bad(format!(
+                "memory size {} MiB is more than the host has ({} MiB)",
+                size >> 20,
+                host >> 20
+            )));
+        }
+    }
+    check_file("payload.kernel", config.payload.kernel.as_deref())?;
+    check_file("payload.initramfs", config.payload.initramfs.as_deref())?;
+    let mut ids = BTreeSet::new();
+    for disk in config.disks.iter().flatten() {
+        check_disk(disk)?;
+        if let Some(id) = &disk.id {
+            if !ids.insert(id.as_str()) {
+                return Err(conflict(format!("device id {id} is used twice")));
+            }
+        }
+    }
+    for net in config.net.iter().flatten() {
+        check_net(net)?;
+        if let Some(id) = &net.id {
+            if !ids.insert(id.as_str()) {
+                return Err(conflict(format!("device id {id} is used twice")));
+            }
+        }
+    }
+    if let Some(v) = &config.vsock {
+        check_vsock(v)?;
+    }
+    Ok(())
+}
+
+fn check_file(what: &str, path: Option<&Path>) -> Result<(), ApiError> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let meta =
+        std::fs::metadata(path).map_err(|e| bad(format!("{what} {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(bad(format!(
+            "{what} {}: not a regular file",
+            path.display()
+        )));
+    }
+    File::open(path).map_err(|e| bad(format!("{what} {}: {e}", path.display())))?;
+    Ok(())
+}
+
+fn check_disk(disk: &DiskConfig) -> Result<(), ApiError> {
+    let path = &disk.path;
+    let meta = std::fs::metadata(path).map_err(|e| bad(format!("disk {}: {e}", path.display())))?;
+    let ft = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
+    if !meta.is_file() && !ft {
+        return Err(bad(format!(
+            "disk {}: not a regular file or block device",
+            path.display()
+        )));
+    }
+    if disk.num_queues == 0 || disk.num_queues > 64 {
+        return Err(bad(format!(
+            "disk {}: num_queues must be 1 to 64, not {}",
+            path.display(),
+            disk.num_queues
+        )));
+    }
+    if !disk.queue_size.is_power_of_two() {
+        return Err(bad(format!(
+            "disk {}: queue_size must be a power of two, not {}",
+            path.display(),
+            disk.queue_size
+        )));
+    }
+    Ok(())
+}
+
+fn check_net(net: &NetConfig) -> Result<(), ApiError> {
+    if let Some(mac) = &net.mac {
+        api::parse_mac(mac).map_err(|e| bad(format!("net mac {mac}: {e}")))?;
+    }
+    if net.num_queues == 0 || !net.num_queues.is_multiple_of(2) {
+        return Err(bad(format!(
+            "net num_queues must be a positive even number (a receive and a transmit queue per pair), not {}",
+            net.num_queues
+        )));
+    }
+    if !net.queue_size.is_power_of_two() {
+        return Err(bad(format!(
+            "net queue_size must be a power of two, not {}",
+            net.queue_size
+        )));
+    }
+    Ok(())
+}
+
+fn check_vsock(v: &VsockConfig) -> Result<(), ApiError> {
+    if v.cid < 3 || v.cid == u32::MAX {
+        return Err(bad(format!(
+            "vsock cid {} is reserved (0-2 and 4294967295 are)",
+            v.cid
+        )));
+    }
+    if v.socket.as_os_str().is_empty() {
+        return Err(bad("vsock socket path is empty"));
+    }
+    Ok(())
+}
+
+fn check_unique_id(config: &VmConfig, id: Option<&str>) -> Result<(), ApiError> {
+    let Some(id) = id else {
+        return Ok(());
+    };
+    let taken = config
+        .disks
+        .iter()
+        .flatten()
+        .filter_map(|d| d.id.as_deref())
+        .chain(config.net.iter().flatten().filter_map(|n| n.id.as_deref()))
+        .chain(config.vsock.iter().filter_map(|v| v.id.as_deref()))
+        .any(|used| used == id);
+    if taken {
+        return Err(conflict(format!("device id {id} is already in use")));
+    }
+    Ok(())
+}
+
+/// Refuses a descriptor that is not a TAP device (TUNGETIFF answers only on a tun/tap fd).
+fn check_tap(fd: &OwnedFd) -> Result<(), ApiError> {
+    const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
+    const IFF_TAP: libc::c_short = 0x0002;
+    // struct ifreq: a 16-byte name, then a union whose first member is the flags.
+    let mut ifreq = [0u8; 40];
+    // SAFETY: TUNGETIFF writes at most a struct ifreq (40 bytes) into the buffer given.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF, ifreq.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(bad(format!(
+            "vm.add-net: descriptor passed with the request is not a TAP device ({})",
+            io::Error::last_os_error()
+        )));
+    }
+    let flags = libc::c_short::from_ne_bytes([ifreq[16], ifreq[17]]);
+    if flags & IFF_TAP == 0 {
+        return Err(bad(
+            "vm.add-net: descriptor passed with the request is a TUN device, not a TAP device",
+        ));
+    }
+    Ok(())
+}
+
+/// Maps an error building the VM to an answer: the client's mistakes are 4xx.
+fn boot_error(e: Error) -> ApiError {
+    let msg = format!("vm.boot: {e}");
+    match e {
+        Error::Config(_) | Error::Limit(_) | Error::Boot(_) | Error::SerialFile { .. } => {
+            ApiError::BadRequest(msg)
+        }
+        Error::Device(DeviceError::Block(_) | DeviceError::DiskOption { .. })
+        | Error::Device(DeviceError::TooMany(_)) => ApiError::BadRequest(msg),
+        _ => ApiError::Internal(msg),
+    }
+}
+
+/// A file hashed for `vm.info`, and what identifies the version hashed.
+struct Measured {
+    what: &'static str,
+    path: PathBuf,
+    sha256: String,
+    identity: (u64, u64, u64, i64, i64),
+}
+
+fn identity(m: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+}
+
+impl Measured {
+    /// Whether the path still names the same, unmodified file.
+    fn unchanged(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| identity(&m) == self.identity)
+    }
+}
+
+fn measure(what: &'static str, path: Option<&Path>) -> Result<Option<Measured>, ApiError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let fail = |e: io::Error| bad(format!("{what} {}: {e}", path.display()));
+    let mut file = File::open(path).map_err(fail)?;
+    let meta = file.metadata().map_err(fail)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail(e)),
+        }
+    }
+    Ok(Some(Measured {
+        what,
+        path: path.to_owned(),
+        sha256: hex(&hasher.finalize()),
+        identity: identity(&meta),
+    }))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use api::pod::Explicit;
+
+    fn create_request(json: &str) -> ApiRequest {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        ApiRequest::VmCreate(Box::new(CreateVm {
+            explicit: Explicit::from_json(&v),
+            config: serde_json::from_value(v).unwrap(),
+            ignored: BTreeSet::new(),
+        }))
+    }
+
+    fn kernel_file() -> (tempfile::Dir, String) {
+        let dir = tempfile::Dir::new("ctl");
+        let k = dir.0.join("k");
+        std::fs::write(&k, b"not really a kernel").unwrap();
+        let s = k.display().to_string();
+        (dir, s)
+    }
+
+    mod tempfile {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new(tag: &str) -> Self {
+                let d = std::env::temp_dir().join(format!(
+                    "podvmm-{tag}-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                let _ = std::fs::remove_dir_all(&d);
+                std::fs::create_dir_all(&d).unwrap();
+                Dir(d)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    fn status(r: ApiResult) -> u16 {
+        match r {
+            Ok(_) => 200,
+            Err(e) => e.status(),
+        }
+    }
+
+    #[test]
+    fn states_without_a_vm() {
+        let mut vmm = Vmm::new(Selection::Kvm).unwrap();
+        assert!(matches!(
+            vmm.handle(ApiRequest::VmmPing),
+            Ok(ApiReply::Ping(_))
+        ));
+        for r in [
+            ApiRequest::VmBoot,
+            ApiRequest::VmInfo,
+            ApiRequest::VmShutdown,
+            ApiRequest::VmPause,
+            ApiRequest::VmResume,
+            ApiRequest::VmCounters,
+        ] {
+            let name = r.name();
+            assert_eq!(status(vmm.handle(r)), 404, "{name}");
+        }
+        assert!(vmm.handle(ApiRequest::VmDelete).is_ok());
+    }
+
+    #[test]
+    fn create_sizes_and_checks() {
+        let (_dir, k) = kernel_file();
+        let mut vmm = Vmm::new(Selection::Kvm).unwrap();
+        let r = vmm.handle(create_request(&format!(
+            r#"{{"payload":{{"kernel":"{k}"}},"pod":{{"containers":[{{"cpu":"1500m","memory":"1Gi"}}]}}}}"#
+        )));
+        assert!(r.is_ok(), "{r:?}");
+        let Ok(ApiReply::Info(info)) = vmm.handle(ApiRequest::VmInfo) else {
+            panic!("no info");
+        };
+        assert_eq!(info.state, VmState::Created);
+        assert_eq!(info.config.cpus.boot_vcpus, 3);
+        assert_eq!(info.memory_actual_size, 3072 << 20);
+        assert_eq!(info.sizing.pod.as_ref().unwrap().cpu_limits_millis, 1500);
+        assert!(info.boot_digests.is_none());
+        // Wrong-state calls.
+        assert_eq!(
+            status(vmm.handle(create_request(&format!(
+                r#"{{"payload":{{"kernel":"{k}"}}}}"#
+            )))),
+            409
+        );
+        assert_eq!(status(vmm.handle(ApiRequest::VmPause)), 409);
+        assert_eq!(status(vmm.handle(ApiRequest::VmResume)), 409);
+        assert_eq!(status(vmm.handle(ApiRequest::VmShutdown)), 409);
+        assert_eq!(status(vmm.handle(ApiRequest::VmCounters)), 409);
+        // Cold-adding devices, and refusing bad ones.
+        let disk = |path: &str, id: Option<&str>| {
+            ApiRequest::VmAddDisk(Box::new(AddDevice {
+                config: DiskConfig::parse(&match id {
+                    Some(id) => format!("path={path},id={id}"),
+                    None => format!("path={path}"),
+                })
+                .unwrap(),
+                fds: vec![],
+                ignored: BTreeSet::new(),
+            }))
+        };
+        assert_eq!(status(vmm.handle(disk(&k, Some("d0")))), 200);
+        assert_eq!(status(vmm.handle(disk(&k, Some("d0")))), 409);
+        assert_eq!(status(vmm.handle(disk("/nonexistent/disk.img", None))), 400);
+        let vsock = |cid| {
+            ApiRequest::VmAddVsock(Box::new(AddDevice {
+                config: VsockConfig {
+                    cid,
+                    socket: "/tmp/v.sock".into(),
+                    id: None,
+                },
+                fds: vec![],
+                ignored: BTreeSet::new(),
+            }))
+        };
+        assert_eq!(status(vmm.handle(vsock(2))), 400);
+        assert_eq!(status(vmm.handle(vsock(3))), 200);
+        assert_eq!(status(vmm.handle(vsock(4))), 409);
+        // A descriptor that is not a TAP device.
+        let not_tap = File::open(&k).unwrap();
+        let r = vmm.handle(ApiRequest::VmAddNet(Box::new(AddDevice {
+            config: NetConfig::parse("mac=02:00:00:00:00:01").unwrap(),
+            fds: vec![not_tap.into()],
+            ignored: BTreeSet::new(),
+        })));
+        assert_eq!(status(r), 400);
+        assert!(vmm.handle(ApiRequest::VmDelete).is_ok());
+        assert_eq!(vmm.state(), None);
+    }
+
+    #[test]
+    fn bad_configurations_are_400() {
+        let (_dir, k) = kernel_file();
+        let mut vmm = Vmm::new(Selection::Kvm).unwrap();
+        for body in [
+            r#"{"payload":{}}"#.to_string(),
+            r#"{"payload":{"kernel":"/nonexistent/vmlinux"}}"#.into(),
+            format!(r#"{{"payload":{{"kernel":"{k}","initramfs":"/nonexistent"}}}}"#),
+            r#"{"payload":{"kernel":"/"}}"#.to_string(),
+            format!(r#"{{"payload":{{"kernel":"{k}"}},"cpus":{{"boot_vcpus":0,"max_vcpus":0}}}}"#),
+            format!(
+                r#"{{"payload":{{"kernel":"{k}"}},"cpus":{{"boot_vcpus":300,"max_vcpus":300}}}}"#
+            ),
+            format!(r#"{{"payload":{{"kernel":"{k}"}},"memory":{{"size":1}}}}"#),
+            format!(r#"{{"payload":{{"kernel":"{k}"}},"memory":{{"size":18446744073709551615}}}}"#),
+            format!(r#"{{"payload":{{"kernel":"{k}"}},"pod":{{"containers":[{{"cpu":"-1"}}]}}}}"#),
+            format!(
+                r#"{{"payload":{{"kernel":"{k}"}},"pod":{{"containers":[{{"memory":"1e30"}}]}}}}"#
+            ),
+            format!(r#"{{"payload":{{"kernel":"{k}"}},"pod":{{"containers":[{{"cpu":"300"}}]}}}}"#),
+            format!(r#"{{"payload":{{"kernel":"{k}"}},"net":[{{"mac":"01:00:00:00:00:01"}}]}}"#),
+            format!(r#"{{"payload":{{"kernel":"{k}"}},"vsock":{{"cid":1,"socket":"/s"}}}}"#),
+        ] {
+            let r = vmm.handle(create_request(&body));
+            assert_eq!(status(r), 400, "{body}");
+            assert_eq!(vmm.state(), None, "{body}");
+        }
+    }
+
+    #[test]
+    fn max_vcpus_agrees_with_the_mp_table() {
+        assert_eq!(pod::MAX_VCPUS, boot::mptable::MAX_CPUS);
+    }
+
+    #[test]
+    fn digests_are_sha256_hex() {
+        assert_eq!(
+            hex(&Sha256::digest(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
