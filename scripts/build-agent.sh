@@ -44,7 +44,11 @@ log "cargo build --release -p agent --target $TARGET (static)"
 (
     cd "$REPO"
     unset CARGO_ENCODED_RUSTFLAGS
-    RUSTFLAGS="-C target-feature=+crt-static" \
+    # Size over speed (every byte of the initramfs is unpacked by an emulated kernel under
+    # PVM): -Os, one codegen unit, fat LTO; 1.4 MB instead of 1.7 MB stripped.
+    CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_LTO=fat \
+        CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+        RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --quiet --release -p agent --bin podvmm-agent --target "$TARGET"
 ) >&2 || die "cargo build failed"
 BIN="$REPO/target/$TARGET/release/podvmm-agent"

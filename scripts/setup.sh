@@ -10,6 +10,7 @@ PKGS=(
     dnsmasq-base    # DHCP server for the guest in tests/net_linux.rs
     iputils-arping  # ARP check of the guest in tests/net_linux.rs
     iputils-ping    # ICMP check of the guest in tests/net_linux.rs
+    acl             # setfacl: /dev/kvm for an unprivileged user in tests/least_privilege.rs
 )
 missing=()
 for p in "${PKGS[@]}"; do

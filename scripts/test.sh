@@ -18,11 +18,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --workspace --all-targets --features mshv -- -D warnings
 # The freestanding test guest is its own workspace (its own link flags): lint it apart.
 cargo fmt --manifest-path testguest/Cargo.toml -- --check
+# The fuzz targets are their own workspace too (scripts/fuzz.sh builds and runs them).
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --manifest-path testguest/Cargo.toml --target-dir target/testguest --release -- -D warnings
 
 step "tests (the Linux boot test takes minutes under software KVM)"
 cargo test --workspace -- --include-ignored --test-threads=2
 cargo test -p hypervisor --features mshv
+
+step "fuzzing (quick pass: each target 15 s on its seed corpus; docs/fuzzing.md)"
+scripts/fuzz.sh 15
 
 step "benchmarks (quick pass)"
 PODVMM_BENCH_QUICK=1 cargo bench --bench tiny_run

@@ -335,5 +335,8 @@ fn missing_dev_kvm_is_reported() {
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("neither /dev/mshv nor /dev/kvm exists"), "{err}");
+    assert!(
+        err.contains("neither /dev/mshv nor /dev/kvm exists"),
+        "{err}"
+    );
 }

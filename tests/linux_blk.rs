@@ -365,7 +365,8 @@ fn linux_mounts_an_ext4_root_read_write_and_it_stays_clean() {
         let (st, out) = sh(&e2fsck, &["-fn", path_str(&img)], None);
         let summary = out
             .lines()
-            .find(|l| l.contains(" files, "))
+            // "root.img: 12/16384 files (0.0% non-contiguous), 5047/16384 blocks"
+            .find(|l| l.contains(" files ("))
             .unwrap_or_default();
         eprintln!("linux-blk: e2fsck -fn before journal replay: {st}: {summary}");
         // What the next mount would do: replay the journal (on a copy), then check.

@@ -7,22 +7,26 @@ use std::sync::Arc;
 
 use agent::protocol::{AGENT_PORT, HOST_CID, READY_PORT};
 use agent::server::{serve, Agent, SystemPower};
-use agent::vsock::{announce, VsockListener};
+use agent::vsock::{announce, ConsoleStream, VsockListener};
 
-const USAGE: &str = "usage: podvmm-agent [--port N] [--ready-port N | --no-ready]
+const USAGE: &str = "usage: podvmm-agent [--port N] [--ready-port N | --no-ready] [--console]
   --port N        vsock port to listen on (default 1024)
   --ready-port N  host port to announce readiness to (default 1023; podvmm records it)
-  --no-ready      do not announce readiness";
+  --no-ready      do not announce readiness
+  --console       also answer the protocol on the console (stdin/stdout), for debugging
+                  a guest without vsock; as init: rdinit=/sbin/podvmm-agent -- --console";
 
 struct Args {
     port: u32,
     ready_port: Option<u32>,
+    console: bool,
 }
 
 fn parse(args: &[String], lenient: bool) -> Result<Args, String> {
     let mut a = Args {
         port: AGENT_PORT,
         ready_port: Some(READY_PORT),
+        console: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -37,6 +41,7 @@ fn parse(args: &[String], lenient: bool) -> Result<Args, String> {
             "--port" => a.port = number("--port")?,
             "--ready-port" => a.ready_port = Some(number("--ready-port")?),
             "--no-ready" => a.ready_port = None,
+            "--console" => a.console = true,
             "-h" | "--help" => return Err(String::new()),
             "-V" | "--version" => {
                 println!("{}", agent::protocol::agent_version());
@@ -51,12 +56,28 @@ fn parse(args: &[String], lenient: bool) -> Result<Args, String> {
 }
 
 fn run(args: &Args) -> i32 {
+    let agent = Arc::new(Agent::new(Arc::new(SystemPower)));
     let listener = match VsockListener::bind(args.port) {
-        Ok(l) => l,
+        Ok(l) => Some(l),
         Err(e) => {
             eprintln!("podvmm-agent: {e}");
-            return 1;
+            None
         }
+    };
+    let console = args.console.then(|| {
+        let a = agent.clone();
+        eprintln!("podvmm-agent: answering on the console");
+        std::thread::spawn(move || a.handle(ConsoleStream::default()))
+    });
+    let Some(listener) = listener else {
+        // No vsock: only the console, if asked for.
+        return match console {
+            Some(t) => {
+                let _ = t.join();
+                0
+            }
+            None => 1,
+        };
     };
     eprintln!("podvmm-agent: listening on vsock port {}", args.port);
     if let Some(port) = args.ready_port {
@@ -64,7 +85,7 @@ fn run(args: &Args) -> i32 {
             eprintln!("podvmm-agent: {e} (serving anyway)");
         }
     }
-    match serve(listener, Arc::new(Agent::new(Arc::new(SystemPower)))) {
+    match serve(listener, agent) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("podvmm-agent: accepting connections: {e}");
@@ -109,8 +130,8 @@ mod tests {
     fn arguments() {
         let a = parse(&s(&[]), false).unwrap();
         assert_eq!((a.port, a.ready_port), (1024, Some(1023)));
-        let a = parse(&s(&["--port", "5000", "--no-ready"]), false).unwrap();
-        assert_eq!((a.port, a.ready_port), (5000, None));
+        let a = parse(&s(&["--port", "5000", "--no-ready", "--console"]), false).unwrap();
+        assert_eq!((a.port, a.ready_port, a.console), (5000, None, true));
         for bad in [
             &["--port"][..],
             &["--port", "x"],

@@ -150,6 +150,66 @@ impl Stream for VsockStream {
     }
 }
 
+/// The console (stdin and stdout) as a stream: `podvmm-agent --console` serves the protocol
+/// there too, for debugging a guest without vsock (QEMU's TCG oracle, `tests/agent_qemu.rs`).
+#[derive(Default)]
+pub struct ConsoleStream {
+    /// Read timeout in milliseconds; 0 for none.
+    timeout_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Read for ConsoleStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let ms = self.timeout_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if ms > 0 {
+            let mut pfd = libc::pollfd {
+                fd: libc::STDIN_FILENO,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms.min(i32::MAX as u64) as i32) };
+            if n == 0 {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+        }
+        // SAFETY: `buf` is valid and writable for its length.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+impl Write for ConsoleStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: `buf` is valid for its length.
+        let n = unsafe { libc::write(libc::STDOUT_FILENO, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Stream for ConsoleStream {
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        let ms = t.map_or(0, |d| d.as_millis().max(1) as u64);
+        self.timeout_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// Listens on a vsock port, any local context id.
 pub struct VsockListener(OwnedFd);
 

@@ -39,7 +39,8 @@ fn socket() -> &'static PathBuf {
     static SERVER: OnceLock<(PathBuf, ApiServer)> = OnceLock::new();
     &SERVER
         .get_or_init(|| {
-            let path = std::env::temp_dir().join(format!("podvmm-fuzz-http-{}.sock", std::process::id()));
+            let path =
+                std::env::temp_dir().join(format!("podvmm-fuzz-http-{}.sock", std::process::id()));
             let _ = std::fs::remove_file(&path);
             let listener = UnixListener::bind(&path).expect("binding the fuzz socket");
             let limits = Limits {
@@ -76,6 +77,10 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     if !answer.is_empty() {
-        assert!(answer.starts_with(b"HTTP/1.1 "), "not an HTTP response: {:?}", String::from_utf8_lossy(&answer[..answer.len().min(64)]));
+        assert!(
+            answer.starts_with(b"HTTP/1.1 "),
+            "not an HTTP response: {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(64)])
+        );
     }
 });

@@ -17,7 +17,7 @@ use devices::virtio::net::worker::{NetCounters, PairSetup, QueuePair};
 use devices::virtio::net::{EgressFilter, Ipv4Net, NetBackend, VNET_HDR_LEN};
 use devices::virtio::Interrupt;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::VolatileSlice;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -46,7 +46,10 @@ impl NetBackend for CheckingTap {
             b.copy_to(&mut v[..]);
             frame.extend_from_slice(&v);
         }
-        assert!(frame.len() >= VNET_HDR_LEN, "frame without its virtio-net header");
+        assert!(
+            frame.len() >= VNET_HDR_LEN,
+            "frame without its virtio-net header"
+        );
         let verdict = self.0.check(&frame[VNET_HDR_LEN..]);
         assert!(
             matches!(verdict, Verdict::Pass),
@@ -65,9 +68,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let rx = Queue::new(ring::QSIZE).expect("queue");
-    let interrupt = Arc::new(Interrupt::new(
-        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-    ));
+    let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).expect("eventfd")));
     let mut pair = QueuePair::new(PairSetup {
         id: "fuzz".into(),
         mem: Arc::new(mem),

@@ -3,7 +3,7 @@
 //! at. Shared by the device targets (`#[path]`-included).
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 pub const MEM: usize = 1 << 20;
 pub const QSIZE: u16 = 16;
@@ -32,20 +32,25 @@ pub fn build(data: &[u8]) -> Option<(GuestMemoryMmap, Queue, u8)> {
         let u32_at = |o: usize| u32::from_le_bytes([d[o], d[o + 1], d[o + 2], d[o + 3]]);
         let at = GuestAddress(DESC + 16 * i as u64);
         mem.write_obj(u64::from(u32_at(0)), at).expect("desc addr");
-        mem.write_obj(u32_at(4), at.unchecked_add(8)).expect("desc len");
+        mem.write_obj(u32_at(4), at.unchecked_add(8))
+            .expect("desc len");
         mem.write_obj(u16::from_le_bytes([d[8], d[9]]), at.unchecked_add(12))
             .expect("desc flags");
         mem.write_obj(u16::from_le_bytes([d[10], d[11]]), at.unchecked_add(14))
             .expect("desc next");
     }
     for (i, h) in ring.chunks_exact(2).enumerate() {
-        mem.write_obj(u16::from_le_bytes([h[0], h[1]]), GuestAddress(AVAIL + 4 + 2 * i as u64))
-            .expect("avail ring");
+        mem.write_obj(
+            u16::from_le_bytes([h[0], h[1]]),
+            GuestAddress(AVAIL + 4 + 2 * i as u64),
+        )
+        .expect("avail ring");
     }
     mem.write_obj(heads as u16, GuestAddress(AVAIL + 2))
         .expect("avail idx");
     let area = &area[..area.len().min(MEM - AREA as usize)];
-    mem.write_slice(area, GuestAddress(AREA)).expect("guest data");
+    mem.write_slice(area, GuestAddress(AREA))
+        .expect("guest data");
 
     let mut q = Queue::new(QSIZE).expect("queue");
     q.set_size(QSIZE);

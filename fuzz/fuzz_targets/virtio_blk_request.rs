@@ -7,7 +7,7 @@
 use devices::virtio::block::request::{parse, read_segments, RequestType};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestMemory, GuestMemoryRegion};
+use vm_memory::GuestMemoryBackend;
 
 #[path = "ring.rs"]
 mod ring;
@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
         let head = chain.head_index();
         match parse(chain, &mem, CAPACITY, readonly) {
             Ok(req) => {
-                assert!(mem.address_in_range(req.status_addr), "status outside memory");
+                assert!(
+                    mem.address_in_range(req.status_addr),
+                    "status outside memory"
+                );
                 let mut total = 0u64;
                 for &(addr, len) in &req.data {
                     assert!(

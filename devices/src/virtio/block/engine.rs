@@ -227,6 +227,9 @@ pub struct UringEngine {
     /// Watched fds and their tokens, to re-arm a multishot poll the kernel ended.
     watches: Vec<(RawFd, u64)>,
     fired: Vec<u64>,
+    /// Once the worker waits in `wait`, `kick` only fills the submission queue: the next
+    /// `wait` submits and sleeps in one system call.
+    defer_submit: bool,
 }
 
 impl UringEngine {
@@ -245,6 +248,7 @@ impl UringEngine {
             done: Vec::new(),
             watches: Vec::new(),
             fired: Vec::new(),
+            defer_submit: false,
         })
     }
 
@@ -353,9 +357,11 @@ impl Engine for UringEngine {
 
     fn kick(&mut self) {
         self.push_pending();
-        // EBUSY/EAGAIN leave the entries queued; the next kick (after a completion or a
-        // notification) submits them again.
-        let _ = self.ring.submit();
+        if !self.defer_submit {
+            // EBUSY/EAGAIN leave the entries queued; the next kick (after a completion or a
+            // notification) submits them again.
+            let _ = self.ring.submit();
+        }
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
@@ -376,6 +382,7 @@ impl Engine for UringEngine {
         self.arm(fd, token)?;
         self.watches.push((fd, token));
         self.ring.submit()?;
+        self.defer_submit = true;
         Ok(true)
     }
 

@@ -266,7 +266,7 @@ impl Guest {
         let hdr = h.encode();
         if payload.is_empty() {
             self.send_raw(&[(&hdr, false)]);
-        } else if payload.len() % 2 == 0 {
+        } else if payload.len().is_multiple_of(2) {
             self.send_raw(&[(&hdr, false), (payload, false)]);
         } else {
             let mut one = hdr.to_vec();
