@@ -14,7 +14,7 @@ set +e
 # and reboots, which ends the VMM instead of leaving a dead guest behind.
 timeout 1200 target/release/podvmm --kernel target/guest/vmlinux \
     --initramfs target/guest/initramfs.cpio --cpus boot=2 --memory size=2G \
-    --cmdline "console=ttyS0 reboot=k panic=1 podvmm.test=reboot" | tee "$log"
+    --cmdline "console=ttyS0 reboot=k panic=1 podvmm.test=reboot rcupdate.rcu_cpu_stall_suppress=1" | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 secs=$(echo "$(date +%s.%N) - $start" | bc)

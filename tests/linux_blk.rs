@@ -206,7 +206,7 @@ fn linux_probes_the_disk_and_reads_its_partition_table() {
     let b = boot(
         &dir,
         &["--cpus", "boot=2", "--memory", "size=256M", "--disk", &disk],
-        "console=ttyS0 reboot=k panic=1",
+        "console=ttyS0 reboot=k panic=1 rcupdate.rcu_cpu_stall_suppress=1",
     );
     let ctx = b.context();
     eprintln!(
@@ -300,7 +300,7 @@ fn linux_mounts_an_ext4_root_read_write_and_it_stays_clean() {
     let b = boot(
         &dir,
         &["--cpus", "boot=1", "--memory", "size=256M", "--disk", &disk],
-        "console=ttyS0 reboot=k panic=1 root=/dev/vda rw rootfstype=ext4 init=/init",
+        "console=ttyS0 reboot=k panic=1 rcupdate.rcu_cpu_stall_suppress=1 root=/dev/vda rw rootfstype=ext4 init=/init",
     );
     let ctx = b.context();
     eprintln!(

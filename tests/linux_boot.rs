@@ -57,7 +57,10 @@ fn linux_boots_two_cpus_to_init() {
             "--serial",
             &serial,
         ])
-        .args(["--cmdline", "console=ttyS0 reboot=k podvmm.test=reboot"])
+        .args([
+            "--cmdline",
+            "console=ttyS0 reboot=k podvmm.test=reboot rcupdate.rcu_cpu_stall_suppress=1",
+        ])
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -6,8 +6,8 @@
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -35,14 +35,14 @@ impl ApiHandler for Handler {
     }
 }
 
-fn socket() -> &'static PathBuf {
-    static SERVER: OnceLock<(PathBuf, ApiServer)> = OnceLock::new();
+/// The server, on an abstract socket (nothing left in the file system).
+fn socket() -> &'static SocketAddr {
+    static SERVER: OnceLock<(SocketAddr, ApiServer)> = OnceLock::new();
     &SERVER
         .get_or_init(|| {
-            let path =
-                std::env::temp_dir().join(format!("podvmm-fuzz-http-{}.sock", std::process::id()));
-            let _ = std::fs::remove_file(&path);
-            let listener = UnixListener::bind(&path).expect("binding the fuzz socket");
+            let name = format!("podvmm-fuzz-http-{}", std::process::id());
+            let addr = SocketAddr::from_abstract_name(name).expect("socket name");
+            let listener = UnixListener::bind_addr(&addr).expect("binding the fuzz socket");
             let limits = Limits {
                 // Small, so that the limit paths are reached by small inputs too.
                 max_head_bytes: 2048,
@@ -54,13 +54,13 @@ fn socket() -> &'static PathBuf {
             };
             let server = ApiServer::serve(listener, Arc::new(Handler), limits)
                 .expect("starting the API server");
-            (path, server)
+            (addr, server)
         })
         .0
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut client = UnixStream::connect(socket()).expect("connecting to the API server");
+    let mut client = UnixStream::connect_addr(socket()).expect("connecting to the API server");
     client
         .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("read timeout");
