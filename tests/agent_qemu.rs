@@ -100,9 +100,16 @@ fn agent_as_init_in_a_real_guest() {
         input.write_all(req.as_bytes()).unwrap();
         input.write_all(b"\n").unwrap();
         input.flush().unwrap();
-        let tag = format!("\"id\":{id},\"ok\"");
-        let line = wait_for("answer", &|l| l.starts_with('{') && l.contains(&tag));
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+        // The agent's own log lines share the console and may be cut in two by an answer:
+        // take the answer from where its object starts, wherever that is on the line.
+        let start_tag = format!("{{\"id\":{id},\"ok\"");
+        let line = wait_for("answer", &|l| l.contains(&start_tag));
+        let start = line.find(&start_tag).unwrap_or(0);
+        serde_json::Deserializer::from_str(&line[start..])
+            .into_iter::<Value>()
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("no JSON answer in: {line}"))
     };
     let pong = call(r#"{"id":1,"op":"ping"}"#, 1);
     assert_eq!(pong["result"]["pong"], true, "{pong}");
