@@ -23,7 +23,7 @@ cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --manifest-path testguest/Cargo.toml --target-dir target/testguest --release -- -D warnings
 
 step "tests (the Linux boot test takes minutes under software KVM)"
-cargo test --workspace -- --include-ignored --test-threads=2
+cargo test --workspace --no-fail-fast -- --include-ignored --test-threads=2
 cargo test -p hypervisor --features mshv
 
 step "fuzzing (quick pass: each target 15 s on its seed corpus; docs/fuzzing.md)"
