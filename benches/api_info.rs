@@ -22,19 +22,17 @@
 mod api_support;
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::quick_requested;
 
 use api::client::Client;
 use api_support::{hold_guest_code, vm_config, Server};
 use common::{podvmm_bin, pvh_elf, TempDir};
 use criterion::Criterion;
-
-fn quick_requested() -> bool {
-    let env = std::env::var("PODVMM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    env || std::env::args().any(|a| a == "--quick")
-}
 
 fn listing() -> bool {
     std::env::args().any(|a| a == "--list")

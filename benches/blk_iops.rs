@@ -29,6 +29,8 @@
 //! Environment: `PODVMM_BENCH_QUICK=1` (or criterion's `--quick`) runs each comparison once
 //! for 2 s and shortens criterion's sampling, for CI.
 
+#[path = "support/mod.rs"]
+mod support;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -38,6 +40,7 @@ use std::process::Command;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{mode_from_args, quick_requested, Mode};
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use devices::virtio::block::engine::EngineKind;
@@ -534,30 +537,6 @@ fn fio(path: &Path, num_jobs: u16, write: bool, secs: u64) -> Option<f64> {
 fn fio_version() -> Option<String> {
     let out = Command::new("fio").arg("--version").output().ok()?;
     Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Bench,
-    Test,
-    List,
-}
-
-fn mode_from_args() -> Mode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let has = |f: &str| args.iter().any(|a| a == f);
-    if has("--list") {
-        Mode::List
-    } else if has("--bench") && !has("--test") {
-        Mode::Bench
-    } else {
-        Mode::Test
-    }
-}
-
-fn quick_requested() -> bool {
-    let env = std::env::var("PODVMM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    env || std::env::args().any(|a| a == "--quick")
 }
 
 struct Config {

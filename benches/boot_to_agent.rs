@@ -16,6 +16,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 /// The podvmm under test (`PODVMM_BIN` overrides, to run the compiled bench elsewhere).
 fn podvmm_exe() -> std::path::PathBuf {
@@ -28,15 +30,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{median, quick_requested};
 
 use common::{path_str, pvh_elf, TempDir};
 use criterion::Criterion;
 use serde_json::Value;
-
-fn quick() -> bool {
-    std::env::var("PODVMM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0")
-        || std::env::args().any(|a| a == "--quick")
-}
 
 /// `cargo test --benches` runs benches in test mode: one short pass.
 fn test_mode() -> bool {
@@ -52,18 +50,6 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes a timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    assert!(!v.is_empty(), "no samples");
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn kit_dir() -> PathBuf {
@@ -266,7 +252,7 @@ fn linux_series(dir: &TempDir, runs: usize, cmdline: &str, label: &str) -> Optio
 }
 
 fn main() {
-    let quick = quick() || test_mode();
+    let quick = quick_requested() || test_mode();
     let runs = if test_mode() {
         2
     } else if quick {

@@ -25,10 +25,13 @@
 //! Needs root (a network namespace and a TAP); prints a SKIPPED line otherwise.
 //! `PODVMM_BENCH_QUICK=1` (or `--quick`) cuts the sample sizes for CI.
 
+#[path = "support/mod.rs"]
+mod support;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{median, mode_from_args, quick_requested, Mode};
 
 use criterion::{Criterion, Throughput};
 use devices::virtio::net::tap::{NetBackend, Tap};
@@ -51,30 +54,6 @@ const RXQ: u64 = 0x2_0000;
 const TX_BUFS: u64 = 0x10_0000;
 const RX_BUFS: u64 = 0x20_0000;
 const MEM: usize = 0x40_0000;
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Bench,
-    Test,
-    List,
-}
-
-fn mode_from_args() -> Mode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let has = |f: &str| args.iter().any(|a| a == f);
-    if has("--list") {
-        Mode::List
-    } else if has("--bench") && !has("--test") {
-        Mode::Bench
-    } else {
-        Mode::Test
-    }
-}
-
-fn quick_requested() -> bool {
-    let env = std::env::var("PODVMM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    env || std::env::args().any(|a| a == "--quick")
-}
 
 fn check(ret: libc::c_int, what: &str) {
     assert!(ret >= 0, "{what}: {}", std::io::Error::last_os_error());
@@ -442,16 +421,6 @@ impl Path {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn main() {
     let mode = mode_from_args();
     if mode == Mode::List {
@@ -529,7 +498,7 @@ fn main() {
                 samples[i].push(t.as_secs_f64() / f64::from(BATCH));
             }
         }
-        let per_frame: Vec<f64> = samples.iter_mut().map(|s| median(s)).collect();
+        let per_frame: Vec<f64> = samples.iter().map(|s| median(s)).collect();
         let bits = (rig.len * 8) as f64;
         for (path, s) in Path::ALL.iter().zip(&per_frame) {
             println!(

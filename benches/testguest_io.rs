@@ -15,6 +15,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -22,6 +24,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+use support::median;
 
 use common::testguest::{pattern_disk, run_testguest, testguest, GuestRun};
 use common::TempDir;
@@ -65,16 +68,6 @@ fn plan() -> Plan {
             vsock_ms: 2000,
             boots: 11,
         }
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -145,11 +138,11 @@ fn blk(plan: &Plan) {
             Err(e) => fio_err = Some(e),
         }
     }
-    let vm_iops = median(&mut vm);
+    let vm_iops = median(&vm);
     println!("podvmm-bench: vm_iops={vm_iops:.0}");
     match fio_err {
         None => {
-            let host_iops = median(&mut host);
+            let host_iops = median(&host);
             println!("podvmm-bench: host_fio_iops={host_iops:.0}");
             println!("podvmm-bench: vm_over_host_iops={:.3}", vm_iops / host_iops);
         }
@@ -264,13 +257,13 @@ fn boot_to_vsock(dir: &TempDir, round: usize) -> Duration {
 
 fn boot(plan: &Plan) {
     let dir = TempDir::new("bench-tg-boot");
-    let mut ms: Vec<f64> = (0..plan.boots)
+    let ms: Vec<f64> = (0..plan.boots)
         .map(|i| boot_to_vsock(&dir, i).as_secs_f64() * 1e3)
         .collect();
     let min = ms.iter().copied().fold(f64::INFINITY, f64::min);
     println!(
         "podvmm-bench: boot_to_guest_vsock_ms={:.2} (median of {}, min {min:.2})",
-        median(&mut ms),
+        median(&ms),
         plan.boots
     );
 }

@@ -18,12 +18,15 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use common::{path_str, pvh_elf, pvh_guest_code_debug_exit, TempDir};
 use criterion::{Criterion, SamplingMode};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::{mode_from_args, quick_requested, Mode};
 
 /// The guest's command line; it prints it back.
 const CMDLINE: &str = "tiny-bench";
@@ -249,42 +252,9 @@ fn host_kvm() -> &'static str {
     }
 }
 
-/// How the bench binary was asked to run, from criterion's own arguments.
-#[derive(Clone, Copy, PartialEq)]
-enum Mode {
-    Bench,
-    Test,
-    List,
-}
-
-fn mode_from_args() -> Mode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let has = |f: &str| args.iter().any(|a| a == f);
-    if has("--list") {
-        Mode::List
-    } else if has("--bench") && !has("--test") {
-        Mode::Bench
-    } else {
-        // `cargo test --benches` passes no `--bench`; criterion runs each benchmark once.
-        Mode::Test
-    }
-}
-
-fn quick_requested() -> bool {
-    let env = std::env::var("PODVMM_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    env || std::env::args().any(|a| a == "--quick")
-}
-
 fn median_ms(samples: &[Duration]) -> f64 {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-    ms.sort_by(f64::total_cmp);
-    let n = ms.len();
-    assert!(n > 0, "no samples");
-    if n % 2 == 1 {
-        ms[n / 2]
-    } else {
-        (ms[n / 2 - 1] + ms[n / 2]) / 2.0
-    }
+    let ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    support::median(&ms)
 }
 
 fn main() {

@@ -55,7 +55,7 @@ impl ExitState {
     }
 
     /// Blocks until something asks the VM to stop. A bare wake-up comes from the i8042.
-    fn wait(&self) -> ExitReason {
+    pub(crate) fn wait(&self) -> ExitReason {
         loop {
             match self.evt.read() {
                 Ok(_) => break,
@@ -63,6 +63,18 @@ impl ExitState {
                 Err(e) => return ExitReason::GuestError(format!("waiting for the VM: {e}")),
             }
         }
+        self.reason_or_reset()
+    }
+
+    /// After the exit event became readable and was consumed, without blocking: why the VM
+    /// stopped.
+    pub(crate) fn take(&self) -> ExitReason {
+        let _ = self.evt.read();
+        self.reason_or_reset()
+    }
+
+    /// The recorded reason; none recorded means the wake-up came from the i8042's reset line.
+    fn reason_or_reset(&self) -> ExitReason {
         self.reason
             .lock()
             .unwrap_or_else(|p| p.into_inner())

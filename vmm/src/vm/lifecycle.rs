@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use devices::Serial;
 
-use super::{forward_stdin, ExitReason, ExitState, Vm};
+use super::{forward_stdin, ExitReason, Vm};
 use crate::{vcpu, Error, Result};
 
 const RUN: u8 = 0;
@@ -156,19 +156,6 @@ impl Default for VcpuThreads {
             handles: Vec::new(),
             started: false,
         }
-    }
-}
-
-impl ExitState {
-    /// After the exit event became readable: why the VM stopped. A bare wake-up comes from
-    /// the i8042's reset line.
-    fn take(&self) -> ExitReason {
-        let _ = self.evt.read();
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or(ExitReason::Reset)
     }
 }
 
