@@ -5,6 +5,8 @@
 //! - `vm_iops`: 4 KiB random reads at queue depth 32 from a 256 MiB disk image in the host's
 //!   page cache (podvmm's default: io_uring, no O_DIRECT), next to `host_fio_iops`, fio
 //!   doing the same on the same file in the same run (io_uring, iodepth 32, direct=0);
+//!   `vm_iops_seccomp_off` is the same guest run with `--seccomp false`, in the same round,
+//!   so `seccomp_on_over_off_iops` is what the system call filters cost on this path;
 //! - `vsock_rtt_per_sec`: 64-byte round trips guest -> host echo server -> guest;
 //! - `boot_to_guest_vsock_ms`: from the exec of podvmm to the guest's first answer over
 //!   vsock (host `CONNECT` to a guest port, 8 bytes sent, echoed back).
@@ -127,19 +129,29 @@ fn blk(plan: &Plan) {
         "testguest.run=blk testguest.blk_qd=32 testguest.blk_ms={}",
         plan.vm_ms
     );
-    let (mut vm, mut host) = (Vec::new(), Vec::new());
+    let (mut vm, mut unfiltered, mut host) = (Vec::new(), Vec::new(), Vec::new());
     let mut fio_err = None;
     for _ in 0..plan.rounds {
         let run = run_testguest(&cmdline, &["--disk", &disk_arg], 120);
         passed(&run, "blk");
         vm.push(run.num("blk", "iops", "iops").expect("iops line") as f64);
+        // The same without system call filters: what seccomp costs on the I/O path.
+        let run = run_testguest(&cmdline, &["--disk", &disk_arg, "--seccomp", "false"], 120);
+        passed(&run, "blk");
+        unfiltered.push(run.num("blk", "iops", "iops").expect("iops line") as f64);
         match fio_iops(&img, plan.fio_s) {
             Ok(v) => host.push(v),
             Err(e) => fio_err = Some(e),
         }
     }
     let vm_iops = median(&vm);
+    let unfiltered_iops = median(&unfiltered);
     println!("podvmm-bench: vm_iops={vm_iops:.0}");
+    println!("podvmm-bench: vm_iops_seccomp_off={unfiltered_iops:.0}");
+    println!(
+        "podvmm-bench: seccomp_on_over_off_iops={:.3}",
+        vm_iops / unfiltered_iops
+    );
     match fio_err {
         None => {
             let host_iops = median(&host);

@@ -4,7 +4,7 @@ mod agent_cmd;
 mod remote;
 mod serve;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use api::pod::Explicit;
@@ -13,7 +13,7 @@ use api::{
     VmConfig, VsockConfig,
 };
 use clap::{Parser, Subcommand};
-use hypervisor::Selection;
+use hypervisor::{HypervisorKind, Selection};
 use vmm::ExitReason;
 
 #[derive(Parser, Debug)]
@@ -75,6 +75,10 @@ struct Cli {
     /// Hypervisor backend: auto (/dev/mshv if present, else /dev/kvm), kvm or mshv.
     #[arg(long, value_name = "auto|kvm|mshv", default_value = "auto")]
     hypervisor: Selection,
+    /// System call filters on every thread: true (a forbidden call stops the VMM), log
+    /// (the kernel logs it and lets it run) or false (docs/security.md).
+    #[arg(long, value_name = "true|false|log", default_value = "true")]
+    seccomp: seccomp::Mode,
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,12 +134,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let backend = match hypervisor::resolve(cli.hypervisor, |p| Path::new(p).exists()) {
+        Ok(HypervisorKind::Mshv) => seccomp::Backend::Mshv,
+        // An unusable selection is reported when the VM is built.
+        _ => seccomp::Backend::Kvm,
+    };
+    if let Err(e) = seccomp::init(cli.seccomp, backend) {
+        eprintln!("podvmm: error: {e}");
+        return ExitCode::FAILURE;
+    }
     if let Some(socket) = &cli.api_socket {
         let initial = cli
             .kernel
             .is_some()
             .then(|| (cli.vm_config(), cli.explicit()));
         return serve::run(socket, initial, cli.hypervisor);
+    }
+    if let Err(e) = seccomp::apply(seccomp::ThreadKind::Vmm) {
+        eprintln!("podvmm: error: {e}");
+        return ExitCode::FAILURE;
     }
     let mut config = cli.vm_config();
     if let Err(e) = api::pod::apply(&mut config, cli.explicit()) {

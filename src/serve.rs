@@ -25,6 +25,11 @@ pub fn run(socket: &Path, initial: Option<(VmConfig, Explicit)>, selection: Sele
         Ok(s) => s,
         Err(e) => return fail(&e.to_string()),
     };
+    // The API's threads carry their own filter; this one, the VMM's, from here on.
+    if let Err(e) = seccomp::apply(seccomp::ThreadKind::Vmm) {
+        server.remove_socket();
+        return fail(&e.to_string());
+    }
     let mut vmm = match Vmm::new(selection) {
         Ok(v) => v,
         Err(e) => {

@@ -270,10 +270,13 @@ const MAX_IDLE_THREADS: usize = 4;
 fn spawn_worker(shared: &Arc<Shared>) -> io::Result<()> {
     shared.accepting.fetch_add(1, Ordering::AcqRel);
     let worker_shared = shared.clone();
-    let spawned = thread::Builder::new()
-        .name("api-conn".into())
-        .stack_size(256 << 10)
-        .spawn(move || worker(&worker_shared));
+    let spawned = seccomp::spawn(
+        thread::Builder::new()
+            .name("api-conn".into())
+            .stack_size(256 << 10),
+        seccomp::ThreadKind::Api,
+        move || worker(&worker_shared),
+    );
     if spawned.is_err() {
         shared.accepting.fetch_sub(1, Ordering::AcqRel);
     }

@@ -183,16 +183,18 @@ impl Vm {
                 control: self.threads.control.clone(),
             };
             let ack = ExitAck(self.threads.control.clone());
-            let handle = thread::Builder::new()
-                .name(format!("vcpu{}", vcpu.id()))
-                .spawn(move || {
+            let handle = seccomp::spawn(
+                thread::Builder::new().name(format!("vcpu{}", vcpu.id())),
+                seccomp::ThreadKind::Vcpu,
+                move || {
                     let _ack = ack;
                     vcpu::run(vcpu, ctx)
-                })
-                .map_err(|source| Error::Io {
-                    what: "spawning a vCPU thread",
-                    source,
-                });
+                },
+            )
+            .map_err(|source| Error::Io {
+                what: "spawning a vCPU thread",
+                source,
+            });
             match handle {
                 Ok(h) => self.threads.handles.push(h),
                 Err(e) => {
@@ -203,13 +205,15 @@ impl Vm {
         }
         if self.forward_stdin {
             let serial: Weak<Mutex<Serial>> = Arc::downgrade(&self.serial);
-            thread::Builder::new()
-                .name("stdin".into())
-                .spawn(move || forward_stdin(serial))
-                .map_err(|source| Error::Io {
-                    what: "spawning the console input thread",
-                    source,
-                })?;
+            seccomp::spawn(
+                thread::Builder::new().name("stdin".into()),
+                seccomp::ThreadKind::Stdin,
+                move || forward_stdin(serial),
+            )
+            .map_err(|source| Error::Io {
+                what: "spawning the console input thread",
+                source,
+            })?;
         }
         Ok(())
     }

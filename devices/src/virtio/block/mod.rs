@@ -276,10 +276,12 @@ impl Block {
                 },
                 self.counters.clone(),
             );
-            let handle = std::thread::Builder::new()
-                .name(format!("blk-{}-q{index}", self.cfg.id))
-                .spawn(move || worker.run())
-                .map_err(io_err("spawning a disk worker"))?;
+            let handle = seccomp::spawn(
+                std::thread::Builder::new().name(format!("blk-{}-q{index}", self.cfg.id)),
+                seccomp::ThreadKind::Block,
+                move || worker.run(),
+            )
+            .map_err(io_err("spawning a disk worker"))?;
             self.workers.push((kill, handle));
         }
         Ok(())

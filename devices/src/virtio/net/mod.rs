@@ -348,10 +348,12 @@ impl Net {
                 rx_need,
             });
             let side = side.take();
-            let handle = std::thread::Builder::new()
-                .name(format!("net-{}-q{index}", self.id))
-                .spawn(move || pair.run(events, side))
-                .map_err(io_err("spawning a network worker"))?;
+            let handle = seccomp::spawn(
+                std::thread::Builder::new().name(format!("net-{}-q{index}", self.id)),
+                seccomp::ThreadKind::Net,
+                move || pair.run(events, side),
+            )
+            .map_err(io_err("spawning a network worker"))?;
             self.workers.push((kill, handle));
         }
         Ok(())

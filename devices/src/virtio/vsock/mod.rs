@@ -219,17 +219,19 @@ impl Vsock {
             ctl_rx,
         )
         .map_err(io("setting up epoll"))?;
-        let worker = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || {
+        let worker = seccomp::spawn(
+            std::thread::Builder::new().name("vsock".into()),
+            seccomp::ThreadKind::Vsock,
+            move || {
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| muxer.run()));
                 if run.is_err() {
                     eprintln!(
                         "podvmm: vsock: the device thread panicked; vsock is down, the VM goes on"
                     );
                 }
-            })
-            .map_err(io("spawning the device thread"))?;
+            },
+        )
+        .map_err(io("spawning the device thread"))?;
         Ok((
             Vsock {
                 cid: cfg.cid,

@@ -1,0 +1,390 @@
+//! podvmm's system call filters: one allow-list per kind of thread (docs/security.md).
+//!
+//! The process sets them up with [`init`] at start-up (`--seccomp true|false|log`); a
+//! thread installs its kind's filter with [`apply`] before it touches guest or client input,
+//! and threads are started with [`spawn`], which does that first thing in the new thread.
+//!
+//! Filters are per thread (no TSYNC), and a thread inherits its parent's filter: a system
+//! call must pass both. So that a thread's filter is its own and nothing wider, every thread
+//! is started by one *spawner* thread, whose filter is the union of all the others (it runs
+//! no code but `thread::Builder::spawn`). Otherwise a vCPU thread, which starts a device's
+//! worker when the guest activates the device, would need every worker's system calls.
+//!
+//! With `true`, a forbidden call raises SIGSYS; the handler names the call and the thread
+//! on stderr and ends the process with [`EXIT_FORBIDDEN`]. With `log`, the kernel logs
+//! the call (audit) and lets it run: the way to find what a new feature needs. Until
+//! [`init`] runs (library users, unit tests, fuzzing), [`apply`] does nothing and [`spawn`]
+//! is `thread::Builder::spawn`.
+
+mod rules;
+
+use std::cell::Cell;
+use std::io;
+use std::str::FromStr;
+use std::sync::mpsc::{self, Sender};
+use std::sync::OnceLock;
+use std::thread::{self, JoinHandle};
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+pub use rules::allowed_syscalls;
+
+/// Exit status of a process stopped by a forbidden system call (128 + SIGSYS, as if the
+/// signal had killed it).
+pub const EXIT_FORBIDDEN: i32 = 128 + libc::SIGSYS;
+
+/// What `--seccomp` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Filters on; a forbidden call stops the process.
+    #[default]
+    Enforce,
+    /// Filters on; a forbidden call is logged by the kernel and allowed.
+    Log,
+    /// No filters.
+    Off,
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "true" => Ok(Mode::Enforce),
+            "log" => Ok(Mode::Log),
+            "false" => Ok(Mode::Off),
+            other => Err(format!(
+                "unknown seccomp mode '{other}' (expected true, false or log)"
+            )),
+        }
+    }
+}
+
+/// Which hypervisor's ioctls the filters allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Only the KVM ioctls podvmm issues, each on the threads that issue it.
+    Kvm,
+    /// MSHV: ioctls on the VMM and vCPU threads are not narrowed by request number yet
+    /// (no `/dev/mshv` here to prove a list against).
+    Mshv,
+}
+
+/// The kinds of thread podvmm runs, each with its own allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The main thread: command line, API requests, VM creation and teardown.
+    Vmm,
+    /// One per vCPU: KVM_RUN and the device emulation its exits lead to.
+    Vcpu,
+    /// The REST API's connection threads.
+    Api,
+    /// A virtio-blk queue worker.
+    Block,
+    /// A virtio-net queue-pair worker.
+    Net,
+    /// The virtio-vsock muxer.
+    Vsock,
+    /// Copies the terminal to the serial port.
+    Stdin,
+    /// Starts every other thread (see [`spawn`]).
+    Spawner,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 8] = [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::Api,
+        ThreadKind::Block,
+        ThreadKind::Net,
+        ThreadKind::Vsock,
+        ThreadKind::Stdin,
+        ThreadKind::Spawner,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Api => "api",
+            ThreadKind::Block => "block",
+            ThreadKind::Net => "net",
+            ThreadKind::Vsock => "vsock",
+            ThreadKind::Stdin => "stdin",
+            ThreadKind::Spawner => "spawner",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("building the {kind} system call filter: {source}")]
+    Build {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("compiling the {kind} system call filter: {source}")]
+    Compile {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("installing the {kind} system call filter: {source}")]
+    Install {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
+    #[error("installing the SIGSYS handler: {0}")]
+    Handler(#[source] io::Error),
+    #[error("system call filters were already set up")]
+    AlreadyInitialized,
+    #[error("no {0} system call filter was compiled")]
+    Missing(&'static str),
+    #[error("starting the spawner thread: {0}")]
+    Spawner(#[source] io::Error),
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+struct State {
+    mode: Mode,
+    programs: Vec<(ThreadKind, BpfProgram)>,
+    /// Where [`spawn`] sends its work when filters are on.
+    spawner: Option<Sender<Job>>,
+}
+
+static STATE: OnceLock<State> = OnceLock::new();
+
+thread_local! {
+    /// The kind of the filter this thread installed, for the SIGSYS report.
+    /// Const-initialised: safe to read in a signal handler.
+    static CURRENT: Cell<Option<ThreadKind>> = const { Cell::new(None) };
+}
+
+/// Compiles every kind's filter and, unless `mode` is [`Mode::Off`], arms the SIGSYS
+/// handler and starts the spawner thread. Call once, early, while the process has one
+/// thread. Filters are compiled here so a bad rule fails at start-up, not when a device
+/// starts.
+pub fn init(mode: Mode, backend: Backend) -> Result<(), Error> {
+    if STATE.get().is_some() {
+        return Err(Error::AlreadyInitialized);
+    }
+    if mode == Mode::Off {
+        let _ = STATE.set(State {
+            mode,
+            programs: Vec::new(),
+            spawner: None,
+        });
+        return Ok(());
+    }
+    let mismatch = match mode {
+        Mode::Log => SeccompAction::Log,
+        _ => SeccompAction::Trap,
+    };
+    let mut programs = Vec::new();
+    for kind in ThreadKind::ALL {
+        programs.push((kind, compile(kind, backend, mismatch.clone())?));
+    }
+    prepare_process()?;
+    let (tx, rx) = mpsc::channel::<Job>();
+    let state = State {
+        mode,
+        programs,
+        spawner: Some(tx),
+    };
+    if STATE.set(state).is_err() {
+        return Err(Error::AlreadyInitialized);
+    }
+    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    thread::Builder::new()
+        .name("spawner".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let _ = ready_tx.send(apply(ThreadKind::Spawner));
+            for job in rx {
+                job();
+            }
+        })
+        .map_err(Error::Spawner)?;
+    ready_rx
+        .recv()
+        .map_err(|_| Error::Spawner(io::Error::other("the spawner thread ended")))?
+}
+
+/// The BPF program for one kind of thread.
+pub fn compile(
+    kind: ThreadKind,
+    backend: Backend,
+    mismatch: SeccompAction,
+) -> Result<BpfProgram, Error> {
+    let filter = SeccompFilter::new(
+        rules::rules(kind, backend).map_err(|source| Error::Build {
+            kind: kind.name(),
+            source,
+        })?,
+        mismatch,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|source| Error::Build {
+        kind: kind.name(),
+        source,
+    })?;
+    filter.try_into().map_err(|source| Error::Compile {
+        kind: kind.name(),
+        source,
+    })
+}
+
+/// Installs `kind`'s filter on the calling thread (a no-op with `--seccomp false` or
+/// before [`init`]).
+pub fn apply(kind: ThreadKind) -> Result<(), Error> {
+    let Some(state) = STATE.get() else {
+        return Ok(());
+    };
+    if state.mode == Mode::Off {
+        return Ok(());
+    }
+    let Some((_, program)) = state.programs.iter().find(|(k, _)| *k == kind) else {
+        return Err(Error::Missing(kind.name()));
+    };
+    seccompiler::apply_filter(program).map_err(|source| Error::Install {
+        kind: kind.name(),
+        source,
+    })?;
+    CURRENT.with(|c| c.set(Some(kind)));
+    Ok(())
+}
+
+/// Starts a thread of `kind` whose first act is to install its filter. With filters on,
+/// the spawner thread starts it (see the crate's documentation). A thread whose filter
+/// cannot be installed does not run unfiltered: the process ends with an error.
+pub fn spawn<F, T>(builder: thread::Builder, kind: ThreadKind, f: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let start = move || {
+        builder.spawn(move || {
+            if let Err(e) = apply(kind) {
+                eprintln!("podvmm: error: {e}");
+                // SAFETY: ends the process at once; nothing of this thread's state is used.
+                unsafe { libc::_exit(1) };
+            }
+            f()
+        })
+    };
+    let Some(spawner) = STATE.get().and_then(|s| s.spawner.as_ref()) else {
+        return start();
+    };
+    let (tx, rx) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(start());
+    });
+    let gone = || io::Error::other("the spawner thread has ended");
+    spawner.send(job).map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())?
+}
+
+/// What must happen before any filter is on: the SIGSYS handler, and the glibc
+/// allocator's one-time look at the number of CPUs (it reads /sys, which no worker may
+/// open, the first time some thread needs a new arena).
+fn prepare_process() -> Result<(), Error> {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    // glibc's default on 64-bit: 8 arenas per CPU. Setting it explicitly is what keeps the
+    // allocator from counting CPUs later.
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, (8 * cpus).min(i32::MAX as usize) as i32) };
+    // SAFETY: an all-zero sigaction is valid; the fields that matter are set below.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = sigsys_handler as *const () as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: installs a handler that only does async-signal-safe work (see below).
+    if unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(Error::Handler(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `siginfo_t` as the kernel fills it for SIGSYS (the libc crate does not expose `_sigsys`).
+#[repr(C)]
+struct SigsysInfo {
+    signo: i32,
+    errno: i32,
+    code: i32,
+    _pad: i32,
+    call_addr: *mut libc::c_void,
+    syscall: i32,
+    arch: u32,
+}
+
+const SYS_SECCOMP: i32 = 1;
+
+/// Names the forbidden call and the thread, then ends the process. Async-signal-safe: it
+/// formats into a stack buffer and uses write(2) and _exit(2) only, both allowed to every
+/// thread.
+extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let mut buf = [0u8; 160];
+    let mut w = Writer {
+        buf: &mut buf,
+        len: 0,
+    };
+    // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler; SigsysInfo
+    // mirrors its SIGSYS layout on x86_64.
+    let info = unsafe { &*(info as *const SigsysInfo) };
+    w.put(b"podvmm: seccomp: forbidden system call ");
+    if info.code == SYS_SECCOMP {
+        w.num(info.syscall as i64);
+    } else {
+        w.put(b"(not from a filter)");
+    }
+    w.put(b" in a thread of kind ");
+    let kind = CURRENT.with(|c| c.get());
+    w.put(kind.map_or("unknown", |k| k.name()).as_bytes());
+    w.put(b"; stopping (run with --seccomp log to see every such call)\n");
+    let len = w.len;
+    // SAFETY: writes bytes from a live stack buffer to stderr, then ends the process.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::_exit(EXIT_FORBIDDEN);
+    }
+}
+
+struct Writer<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, s: &[u8]) {
+        for &b in s {
+            if self.len < self.buf.len() {
+                self.buf[self.len] = b;
+                self.len += 1;
+            }
+        }
+    }
+
+    fn num(&mut self, mut n: i64) {
+        if n < 0 {
+            self.put(b"-");
+            n = -n;
+        }
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.put(&digits[i..]);
+    }
+}
+
+#[cfg(test)]
+mod tests;
