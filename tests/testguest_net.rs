@@ -5,39 +5,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::testguest::*;
-
-const NS_PREFIX: &str = "podvmm-tg";
-const HOST_IP: &str = "10.79.0.1";
-const GUEST_IP: &str = "10.79.0.2";
-const GUEST_MAC: &str = "02:00:0a:4f:00:02";
-
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("{NS_PREFIX}-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip netns add (this test needs root and iproute2): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 #[test]
 fn net_arp_and_ping_the_host_through_the_tap() {

@@ -203,3 +203,35 @@ impl GuestRun {
         assert!(self.status.success(), "{}", self.dump());
     }
 }
+
+const NS_PREFIX: &str = "podvmm-tg";
+pub const HOST_IP: &str = "10.79.0.1";
+pub const GUEST_IP: &str = "10.79.0.2";
+pub const GUEST_MAC: &str = "02:00:0a:4f:00:02";
+
+/// A network namespace of the test's own (needs root and iproute2), deleted on drop, so
+/// the test guest's TAP traffic never leaves the machine.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("{NS_PREFIX}-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip netns add (this test needs root and iproute2): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
