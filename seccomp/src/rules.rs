@@ -216,7 +216,10 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
                 libc::SYS_epoll_ctl,
                 libc::SYS_epoll_wait,
                 libc::SYS_eventfd2,
+                // Probing for io_uring with opcode restrictions (a disk's rings are made
+                // the same way, by the spawner).
                 libc::SYS_io_uring_setup,
+                libc::SYS_io_uring_register,
                 // vsock's listening socket.
                 libc::SYS_bind,
                 libc::SYS_listen,
@@ -241,10 +244,10 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
         }
         ThreadKind::Vcpu => {
             b.hypervisor_ioctls(backend, KVM_VCPU_IOCTLS)?;
-            // A device's activation runs on the vCPU that wrote DRIVER_OK: its eventfds,
-            // the block queues' rings, the TAP's offloads. Its threads are started by the
-            // spawner thread, not here.
-            b.allow(&[libc::SYS_eventfd2, libc::SYS_io_uring_setup]);
+            // A device's activation runs on the vCPU that wrote DRIVER_OK: its eventfds and
+            // the TAP's offloads. Its threads and io_urings are made by the spawner thread
+            // (`spawn`, `setup`), not here.
+            b.allow(&[libc::SYS_eventfd2]);
             b.ioctls(&[libc::TUNSETOFFLOAD])?;
         }
         ThreadKind::Api => {

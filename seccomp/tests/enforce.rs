@@ -24,6 +24,8 @@ fn main() {
         ("vcpu-other-ioctl", libc::SYS_ioctl, "vcpu"),
         ("api-open", libc::SYS_openat, "api"),
         ("block-socket", libc::SYS_socket, "block"),
+        ("block-new-ring", libc::SYS_io_uring_setup, "block"),
+        ("vcpu-new-ring", libc::SYS_io_uring_setup, "vcpu"),
         ("net-open", libc::SYS_openat, "net"),
         ("vsock-inet-socket", libc::SYS_socket, "vsock"),
         ("vmm-exec", libc::SYS_execve, "vmm"),
@@ -97,6 +99,13 @@ fn inet_socket() -> i32 {
     unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) }
 }
 
+/// io_uring_setup with no flags: a ring whose operations seccomp would never see.
+fn new_ring() -> i64 {
+    let mut params = [0u8; 120]; // struct io_uring_params
+                                 // SAFETY: valid parameters for a 4-entry ring; the descriptor is leaked (the process ends).
+    unsafe { libc::syscall(libc::SYS_io_uring_setup, 4, params.as_mut_ptr()) }
+}
+
 fn open_file() -> bool {
     std::fs::File::open("/proc/self/status").is_ok()
 }
@@ -133,6 +142,12 @@ fn child(case: &str) {
         }
         "block-socket" => {
             on_thread(ThreadKind::Block, inet_socket);
+        }
+        "block-new-ring" => {
+            on_thread(ThreadKind::Block, new_ring);
+        }
+        "vcpu-new-ring" => {
+            on_thread(ThreadKind::Vcpu, new_ring);
         }
         "net-open" => {
             on_thread(ThreadKind::Net, open_file);

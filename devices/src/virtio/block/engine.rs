@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, types, IoUring};
 
 use super::request::{S_IOERR, S_OK};
@@ -63,9 +64,10 @@ impl EngineKind {
         }
     }
 
-    /// io_uring if the kernel offers it (and allows it: seccomp or sysctl may forbid it).
+    /// io_uring if the kernel offers it with opcode restrictions (5.10 and later) and allows
+    /// it (seccomp or sysctl may forbid it).
     pub fn detect() -> EngineKind {
-        match IoUring::new(2) {
+        match restricted_ring(2) {
             Ok(_) => EngineKind::IoUring,
             Err(_) => EngineKind::Sync,
         }
@@ -232,13 +234,35 @@ pub struct UringEngine {
     defer_submit: bool,
 }
 
+/// The only operations a disk ring accepts.
+const RING_OPS: [u8; 4] = [
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Fsync::CODE,
+    opcode::PollAdd::CODE,
+];
+
+/// A ring that runs only [`RING_OPS`], with no SQE flags, and takes no further
+/// registrations: the worker thread may call `io_uring_enter` (its seccomp filter lets it),
+/// and io_uring's operations are not seen by seccomp, so the ring itself must refuse what the
+/// worker has no business doing (opening files, connecting sockets...).
+fn restricted_ring(entries: u32) -> std::io::Result<IoUring> {
+    let ring = IoUring::builder().setup_r_disabled().build(entries)?;
+    let mut allowed = RING_OPS.map(Restriction::sqe_op);
+    ring.submitter().register_restrictions(&mut allowed)?;
+    ring.submitter().register_enable_rings()?;
+    Ok(ring)
+}
+
 impl UringEngine {
+    /// Creating a ring is not a worker's (nor a vCPU's) business under seccomp: call this
+    /// through `seccomp::setup`.
     pub fn new(file: Arc<File>, depth: u16) -> std::io::Result<Self> {
         let depth = u32::from(depth.max(1)).next_power_of_two();
         // Room for the watches beside a full queue of requests, within the kernel's limit of
         // 32768 entries (its completion queue is twice as deep; requests beyond the
         // submission queue wait in `pending`).
-        let ring = IoUring::new((depth + 8).min(32768))?;
+        let ring = restricted_ring((depth + 8).min(32768))?;
         Ok(UringEngine {
             ring,
             file,
@@ -446,5 +470,37 @@ mod tests {
         assert_eq!(v[0].iov_base as usize, base as usize + 6);
         advance(&mut v, 10);
         assert!(v.is_empty());
+    }
+
+    #[test]
+    fn the_ring_refuses_operations_a_disk_does_not_need() {
+        let mut ring = restricted_ring(4).unwrap();
+        let path = c"/etc/hostname";
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(1);
+        let mut buf = [0u8; 8];
+        let read = opcode::Read::new(types::Fd(0), buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(2);
+        // A linked fsync: an allowed op with a flag the ring does not allow.
+        let fsync = opcode::Fsync::new(types::Fd(0))
+            .build()
+            .flags(io_uring::squeue::Flags::IO_LINK)
+            .user_data(3);
+        // One at a time: the kernel stops taking entries at the first one it refuses.
+        let mut results = Vec::new();
+        for e in [&open, &read, &fsync] {
+            // SAFETY: the path and buffer outlive the ring's answer (submit_and_wait below).
+            unsafe { ring.submission().push(e) }.unwrap();
+            ring.submit_and_wait(1).unwrap();
+            results.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        }
+        assert_eq!(
+            results,
+            vec![(1, -libc::EACCES), (2, -libc::EACCES), (3, -libc::EACCES)]
+        );
+        // And nothing can be registered any more (e.g. files or buffers).
+        assert!(ring.submitter().register_files(&[0]).is_err());
     }
 }

@@ -254,10 +254,13 @@ impl Block {
         let io_err = |what| move |source| ActivateError::Io { what, source };
         for (index, (queue, evt)) in ctx.queues.into_iter().enumerate() {
             let engine: Box<dyn Engine> = match self.engine {
-                EngineKind::IoUring => Box::new(
-                    UringEngine::new(self.file.clone(), queue.size())
-                        .map_err(io_err("creating an io_uring"))?,
-                ),
+                EngineKind::IoUring => {
+                    let (file, depth) = (self.file.clone(), queue.size());
+                    let ring = seccomp::setup(move || UringEngine::new(file, depth))
+                        .and_then(|r| r)
+                        .map_err(io_err("creating an io_uring"))?;
+                    Box::new(ring)
+                }
                 EngineKind::Sync => Box::new(SyncEngine::new(self.file.clone())),
             };
             let kill = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
