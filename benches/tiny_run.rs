@@ -7,7 +7,8 @@
 //! every VMM is run once with its console captured and must print the expected line and exit
 //! as expected, or the bench panics.
 //!
-//! Reports (criterion): `tiny_run/podvmm_128M`, `tiny_run/podvmm_2G` and, where
+//! Reports (criterion): `tiny_run/podvmm_128M`, `tiny_run/podvmm_2G`,
+//! `tiny_run/podvmm_128M_seccomp_off` (the same without system call filters) and, where
 //! `qemu-system-x86_64` is on PATH, `tiny_run/qemu_microvm_128M` (`..._tcg_128M` when QEMU
 //! cannot use KVM here). Then an independent set of interleaved runs (the VMMs take turns, so
 //! noise hits all alike) gives the medians in the closing `podvmm-bench:` lines.
@@ -140,9 +141,11 @@ fn guest_line_ok(stdout: &str) -> bool {
     !line.contains('\n') && (line == want || line.starts_with(&format!("{want} ")))
 }
 
-fn podvmm(kernel: &Path, memory: &str) -> Vm {
+/// podvmm with `memory` of RAM; `seccomp_off` adds `--seccomp false` (to show what the
+/// filters and the spawner thread cost at start-up).
+fn podvmm(kernel: &Path, memory: &str, seccomp_off: bool) -> Vm {
     let args = |serial: &str| -> Vec<String> {
-        [
+        let mut a: Vec<String> = [
             "--kernel",
             path_str(kernel),
             "--cmdline",
@@ -155,10 +158,18 @@ fn podvmm(kernel: &Path, memory: &str) -> Vm {
             serial,
         ]
         .map(String::from)
-        .to_vec()
+        .to_vec();
+        if seccomp_off {
+            a.extend(["--seccomp".to_string(), "false".to_string()]);
+        }
+        a
     };
     Vm {
-        id: format!("podvmm_{memory}"),
+        id: if seccomp_off {
+            format!("podvmm_{memory}_seccomp_off")
+        } else {
+            format!("podvmm_{memory}")
+        },
         program: PathBuf::from(env!("CARGO_BIN_EXE_podvmm")),
         timed_args: args("null"),
         verify_args: args("tty"),
@@ -276,7 +287,11 @@ fn main() {
     let dir = TempDir::new("bench-tiny");
     let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code_debug_exit()));
 
-    let mut vms = vec![podvmm(&kernel, "128M"), podvmm(&kernel, "2G")];
+    let mut vms = vec![
+        podvmm(&kernel, "128M", false),
+        podvmm(&kernel, "2G", false),
+        podvmm(&kernel, "128M", true),
+    ];
     let mut qemu_id = None;
 
     if mode != Mode::List {
@@ -374,11 +389,16 @@ fn main() {
         );
     }
     let qemu_ms = match &qemu_id {
-        Some(_) => format!("{:.2}", medians[2]),
+        Some(_) => format!("{:.2}", medians[3]),
         None => "absent".to_string(),
     };
     println!("podvmm-bench: tiny_run_ms={:.2}", medians[0]);
     println!("podvmm-bench: tiny_run_2g_ms={:.2}", medians[1]);
+    println!(
+        "podvmm-bench: tiny_run_seccomp_off_ms={:.2} (filters cost {:+.2} ms)",
+        medians[2],
+        medians[0] - medians[2]
+    );
     println!("podvmm-bench: qemu_microvm_ms={qemu_ms}");
     println!("podvmm-bench: ratio_2g_vs_128m={ratio:.2}");
 }
