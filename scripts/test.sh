@@ -16,6 +16,8 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy --workspace --all-targets --features mshv -- -D warnings
+# The entry points the fuzz targets use (devices' `fuzzing` feature, never in podvmm).
+cargo clippy -p devices --all-targets --features fuzzing -- -D warnings
 # The freestanding test guest is its own workspace (its own link flags): lint it apart.
 cargo fmt --manifest-path testguest/Cargo.toml -- --check
 # The fuzz targets are their own workspace too (scripts/fuzz.sh builds and runs them).

@@ -14,6 +14,8 @@
 //!
 //! See `docs/vsock.md` for the protocol, ports and flow control.
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hybrid;
 mod muxer;
 pub mod packet;

@@ -386,35 +386,40 @@ impl Muxer {
 
     pub(super) fn run(mut self) {
         let mut events = vec![EpollEvent::default(); 64];
-        loop {
-            let timeout = self.next_timeout_ms();
-            let n = match self.epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    self.log
-                        .say(format_args!("epoll failed, device stopped: {e}"));
-                    return;
-                }
-            };
-            for ev in &events[..n] {
-                let set = ev.event_set();
-                match ev.data() {
-                    TOKEN_WAKE => {
-                        let _ = self.wake.read();
-                        if !self.control() {
-                            return;
-                        }
-                    }
-                    TOKEN_RXQ => self.drain_queue_evt(0),
-                    TOKEN_TXQ => self.drain_queue_evt(1),
-                    TOKEN_EVQ => self.drain_queue_evt(2),
-                    TOKEN_LISTENER => self.accept(),
-                    token => self.stream_event(token, set),
-                }
+        while self.turn(&mut events, None) {}
+    }
+
+    /// Waits for events (at most `timeout_ms`; `None`: until the next timer is due), handles
+    /// them and makes one pass. False: stop (asked to, or epoll failed).
+    pub(super) fn turn(&mut self, events: &mut [EpollEvent], timeout_ms: Option<i32>) -> bool {
+        let timeout = timeout_ms.unwrap_or_else(|| self.next_timeout_ms());
+        let n = match self.epoll.wait(timeout, events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return true,
+            Err(e) => {
+                self.log
+                    .say(format_args!("epoll failed, device stopped: {e}"));
+                return false;
             }
-            self.process();
+        };
+        for ev in &events[..n] {
+            let set = ev.event_set();
+            match ev.data() {
+                TOKEN_WAKE => {
+                    let _ = self.wake.read();
+                    if !self.control() {
+                        return false;
+                    }
+                }
+                TOKEN_RXQ => self.drain_queue_evt(0),
+                TOKEN_TXQ => self.drain_queue_evt(1),
+                TOKEN_EVQ => self.drain_queue_evt(2),
+                TOKEN_LISTENER => self.accept(),
+                token => self.stream_event(token, set),
+            }
         }
+        self.process();
+        true
     }
 
     /// One pass over everything that may have become possible.
@@ -448,7 +453,7 @@ impl Muxer {
         true
     }
 
-    fn activate(&mut self, active: Box<Active>) {
+    pub(super) fn activate(&mut self, active: Box<Active>) {
         self.reset();
         for (evt, token) in active.evts.iter().zip([TOKEN_RXQ, TOKEN_TXQ, TOKEN_EVQ]) {
             if let Err(e) = self.epoll.ctl(
