@@ -112,6 +112,7 @@ fn measure(dir: &TempDir, kernel: &Path, mem_mib: u64, i: usize) -> Sample {
     }
     std::thread::sleep(Duration::from_millis(300));
     let maps = smaps(child.id());
+    let exited = child.try_wait().ok().flatten();
     let _ = child.kill();
     let _ = child.wait();
     let mem_kib = mem_mib * 1024;
@@ -122,7 +123,12 @@ fn measure(dir: &TempDir, kernel: &Path, mem_mib: u64, i: usize) -> Sample {
     assert_eq!(
         guest.len(),
         1,
-        "podvmm-bench: expected one anonymous {mem_kib} KiB mapping (the guest RAM)"
+        "podvmm-bench: expected one anonymous {mem_kib} KiB mapping (the guest RAM); podvmm {}; anonymous mappings (KiB): {:?}",
+        exited.map_or("still running".to_string(), |s| format!("exited: {s}")),
+        maps.iter()
+            .filter(|m| m.name == "[anon]")
+            .map(|m| m.size_kib)
+            .collect::<Vec<_>>()
     );
     let guest_kib = guest[0].rss_kib;
     let total_kib: u64 = maps.iter().map(|m| m.rss_kib).sum();

@@ -371,7 +371,8 @@ fn apply_rules(
                 Reject(reason) => {
                     let mut shown = value.to_string();
                     if shown.len() > 80 {
-                        shown.truncate(77);
+                        // On a character boundary: the value is the client's text.
+                        shown.truncate(shown.floor_char_boundary(77));
                         shown.push_str("...");
                     }
                     return Err(CompatError::Unsupported {
@@ -509,6 +510,20 @@ mod tests {
                 "rng"
             ]
         );
+    }
+
+    /// Found by the `vm_config_json` fuzz target: a rejected value is quoted in the error,
+    /// cut to 80 bytes, and a multi-byte character across the cut panicked the API thread.
+    #[test]
+    fn a_long_rejected_value_is_cut_on_a_character_boundary() {
+        for pad in 0..4 {
+            let text = format!("{}{}", "x".repeat(60 + pad), "\u{1b5}".repeat(20));
+            let mut v: Value =
+                serde_json::from_str(&format!(r#"{{"sgx_epc": {{"k": "{text}"}}}}"#)).unwrap();
+            let err = clean_vm_config(&mut v).unwrap_err().to_string();
+            assert!(err.contains("sgx_epc") && err.contains("..."), "{err}");
+            assert!(err.contains("SGX is not supported"), "{err}");
+        }
     }
 
     #[test]
