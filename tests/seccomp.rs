@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api_support::*;
-use common::testguest::{pattern_disk, testguest, GuestRun};
+use common::testguest::{pattern_disk, testguest, GuestRun, Netns, GUEST_IP, GUEST_MAC, HOST_IP};
 use common::*;
 
 /// Thread name → Seccomp field, for every thread of `pid` now.
@@ -91,23 +91,36 @@ fn a_bad_seccomp_value_is_a_usage_error() {
     assert!(stderr.contains("true, false or log"), "{stderr}");
 }
 
-/// The test guest reading its disk for two seconds, with a vsock device: while it runs,
-/// every thread (main, spawner, vCPU, the disk's queue workers, vsock) is sampled.
+/// The test guest reading its disk for two seconds and pinging the host through a TAP for
+/// one, with a vsock device too (in a network namespace of its own: root and iproute2):
+/// while it runs, every thread (main, spawner, vCPU, the disk's queue workers, the network
+/// queue pair's worker, vsock) is sampled.
 #[test]
 fn every_thread_is_filtered_while_devices_work() {
     let dir = TempDir::new("seccomp-vm");
     let disk = dir.path("disk.img");
     pattern_disk(&disk, 8 << 20);
     let vsock = dir.path("vsock.sock");
-    let mut child = Command::new(podvmm_bin())
+    let ns = Netns::new("seccomp");
+    // `ip netns exec` execs podvmm in place: the child's pid is podvmm's.
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(podvmm_bin())
         .arg("--kernel")
         .arg(testguest())
         .args(["--memory", "size=256M", "--serial", "tty", "--cmdline"])
-        .arg("testguest.run=blk testguest.blk_ms=2000 testguest.blk_qd=8")
+        .arg(format!(
+            "testguest.run=blk,net testguest.blk_ms=2000 testguest.blk_qd=8 \
+             testguest.net_ip={GUEST_IP} testguest.net_host={HOST_IP} testguest.net_ms=1000"
+        ))
         .arg("--disk")
         .arg(format!("path={},num_queues=2", path_str(&disk)))
         .arg("--vsock")
         .arg(format!("cid=3,socket={}", path_str(&vsock)))
+        .arg("--net")
+        .arg(format!(
+            "tap=scmp0,mac={GUEST_MAC},ip={HOST_IP},mask=255.255.255.0"
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -136,12 +149,13 @@ fn every_thread_is_filtered_while_devices_work() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().expect("wait for podvmm");
-    GuestRun {
+    let run = GuestRun {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         status: out.status,
-    }
-    .assert_passed("blk");
+    };
+    run.assert_passed("blk");
+    run.assert_passed("net");
     for values in seen.values_mut() {
         values.sort();
         values.dedup();
