@@ -197,20 +197,30 @@ pub fn init(mode: Mode, backend: Backend) -> Result<(), Error> {
     if STATE.set(state).is_err() {
         return Err(Error::AlreadyInitialized);
     }
-    let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+    // Not waited for: the spawner filters itself while the caller goes on building the VM
+    // (a thread takes a millisecond or more to start under software virtualization), and
+    // work sent to it waits in the channel until it is filtered.
     thread::Builder::new()
         .name("spawner".into())
         .stack_size(64 << 10)
         .spawn(move || {
-            let _ = ready_tx.send(apply(ThreadKind::Spawner));
+            apply_or_exit(ThreadKind::Spawner);
             for job in rx {
                 job();
             }
         })
         .map_err(Error::Spawner)?;
-    ready_rx
-        .recv()
-        .map_err(|_| Error::Spawner(io::Error::other("the spawner thread ended")))?
+    Ok(())
+}
+
+/// Installs `kind`'s filter on this new thread, or ends the process: a thread that cannot be
+/// filtered must not run.
+fn apply_or_exit(kind: ThreadKind) {
+    if let Err(e) = apply(kind) {
+        eprintln!("podvmm: error: {e}");
+        // SAFETY: ends the process at once; nothing of this thread's state is used.
+        unsafe { libc::_exit(1) };
+    }
 }
 
 /// The BPF program for one kind of thread.
@@ -268,11 +278,7 @@ where
 {
     let start = move || {
         builder.spawn(move || {
-            if let Err(e) = apply(kind) {
-                eprintln!("podvmm: error: {e}");
-                // SAFETY: ends the process at once; nothing of this thread's state is used.
-                unsafe { libc::_exit(1) };
-            }
+            apply_or_exit(kind);
             f()
         })
     };
