@@ -91,8 +91,8 @@ fn a_bad_seccomp_value_is_a_usage_error() {
     assert!(stderr.contains("true, false or log"), "{stderr}");
 }
 
-/// The test guest reading its disk for two seconds and pinging the host through a TAP for
-/// one, with a vsock device too (in a network namespace of its own: root and iproute2):
+/// The test guest reading its disk for two seconds and pinging the host through a
+/// multi-queue TAP for one, with a vsock device too (in a network namespace of its own: root and iproute2):
 /// while it runs, every thread (main, spawner, vCPU, the disk's queue workers, the network
 /// queue pair's worker, vsock) is sampled.
 #[test]
@@ -119,7 +119,7 @@ fn every_thread_is_filtered_while_devices_work() {
         .arg(format!("cid=3,socket={}", path_str(&vsock)))
         .arg("--net")
         .arg(format!(
-            "tap=scmp0,mac={GUEST_MAC},ip={HOST_IP},mask=255.255.255.0"
+            "tap=scmp0,mac={GUEST_MAC},ip={HOST_IP},mask=255.255.255.0,num_queues=4"
         ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

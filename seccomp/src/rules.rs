@@ -248,7 +248,8 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
             // the TAP's offloads. Its threads and io_urings are made by the spawner thread
             // (`spawn`, `setup`), not here.
             b.allow(&[libc::SYS_eventfd2]);
-            b.ioctls(&[libc::TUNSETOFFLOAD])?;
+            // The TAP's offloads, and which queues of a multi-queue TAP carry frames.
+            b.ioctls(&[libc::TUNSETOFFLOAD, libc::TUNSETQUEUE])?;
         }
         ThreadKind::Api => {
             b.allow(&[
@@ -283,6 +284,8 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
                 libc::SYS_epoll_ctl,
                 libc::SYS_epoll_wait,
             ]);
+            // The control queue's VQ_PAIRS_SET attaches and detaches TAP queues.
+            b.ioctls(&[libc::TUNSETQUEUE])?;
         }
         ThreadKind::Vsock => {
             b.allow(&[

@@ -44,7 +44,7 @@ fn main() {
         }
     }
     // Allowed work, log mode and off: the child exits 0 after its own checks.
-    for case in ["allowed", "log", "off"] {
+    for case in ["allowed", "device-ioctls", "log", "off"] {
         let out = run(case);
         if out.status.success() {
             println!(
@@ -207,6 +207,30 @@ fn child(case: &str) {
             assert!(open_file(), "the VMM thread opens files");
             assert_eq!(seccomp_status(&main_tid), "2");
             println!("main, spawner and a block worker: Seccomp 2 on each");
+        }
+        "device-ioctls" => {
+            // The TAP ioctls a vCPU (device activation) and a net worker (the control
+            // queue) make pass the filter (on /dev/null they fail with ENOTTY, untrapped).
+            use std::os::fd::AsRawFd;
+            let null = std::fs::File::open("/dev/null").unwrap();
+            let fd = null.as_raw_fd();
+            let calls = |requests: &'static [u64]| {
+                move || {
+                    for &r in requests {
+                        // SAFETY: ioctls on /dev/null with a null argument: ENOTTY.
+                        let ret = unsafe { libc::ioctl(fd, r as _, 0) };
+                        assert_eq!(ret, -1);
+                    }
+                }
+            };
+            const VCPU: &[u64] = &[0xae80, libc::TUNSETOFFLOAD, libc::TUNSETQUEUE];
+            const NET: &[u64] = &[libc::TUNSETQUEUE];
+            on_thread(ThreadKind::Vcpu, calls(VCPU));
+            on_thread(ThreadKind::Net, calls(NET));
+            drop(null);
+            println!(
+                "KVM_RUN, TUNSETOFFLOAD, TUNSETQUEUE from a vCPU; TUNSETQUEUE from a net worker"
+            );
         }
         "log" => {
             let fd = on_thread(ThreadKind::Vcpu, inet_socket);
