@@ -56,6 +56,9 @@ const KVM_SET_CPUID2: u64 = kvm(IOC_WRITE, 0x90, size_of::<kvm_cpuid2>());
 const KVM_GET_VCPU_EVENTS: u64 = kvm(IOC_READ, 0x9f, size_of::<kvm_vcpu_events>());
 const KVM_SET_VCPU_EVENTS: u64 = kvm(IOC_WRITE, 0xa0, size_of::<kvm_vcpu_events>());
 
+/// The type byte of every MSHV ioctl (`MSHV_IOCTL`).
+const MSHV_IOCTL_TYPE: u64 = 0xb8;
+
 /// What the VMM thread asks of KVM: creating and configuring the VM and its vCPUs.
 const KVM_VMM_IOCTLS: &[u64] = &[
     KVM_GET_API_VERSION,
@@ -186,8 +189,17 @@ impl Builder {
     fn hypervisor_ioctls(&mut self, backend: Backend, kvm: &[u64]) -> Result<(), BackendError> {
         match backend {
             Backend::Kvm => self.ioctls(kvm),
+            // Any MSHV request (type byte 0xB8), no other device's: the exact list could not
+            // be proven without /dev/mshv.
             Backend::Mshv => {
-                self.allow(&[libc::SYS_ioctl]);
+                if self.rules.get(&libc::SYS_ioctl).is_some_and(Vec::is_empty) {
+                    return Ok(());
+                }
+                let mshv = Cond::new(1, Len::Dword, Op::MaskedEq(0xff00), MSHV_IOCTL_TYPE << 8)?;
+                self.rules
+                    .entry(libc::SYS_ioctl)
+                    .or_default()
+                    .push(SeccompRule::new(vec![mshv])?);
                 Ok(())
             }
         }

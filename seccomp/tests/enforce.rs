@@ -30,6 +30,7 @@ fn main() {
         ("vsock-inet-socket", libc::SYS_socket, "vsock"),
         ("vmm-exec", libc::SYS_execve, "vmm"),
         ("vmm-kill-other-process", libc::SYS_tgkill, "vmm"),
+        ("mshv-vcpu-kvm-ioctl", libc::SYS_ioctl, "vcpu"),
     ];
     let mut failed = 0;
     for (case, nr, kind) in stopped {
@@ -116,7 +117,12 @@ fn child(case: &str) {
         "off" => Mode::Off,
         _ => Mode::Enforce,
     };
-    seccomp::init(mode, Backend::Kvm).expect("init");
+    let backend = if case.starts_with("mshv-") {
+        Backend::Mshv
+    } else {
+        Backend::Kvm
+    };
+    seccomp::init(mode, backend).expect("init");
     match case {
         "vcpu-socket" => {
             on_thread(ThreadKind::Vcpu, inet_socket);
@@ -135,6 +141,20 @@ fn child(case: &str) {
                 // KVM_CREATE_VM: not a vCPU's business.
                 // SAFETY: as above.
                 unsafe { libc::ioctl(null.as_raw_fd(), 0xae01, 0) }
+            });
+        }
+        "mshv-vcpu-kvm-ioctl" => {
+            let null = std::fs::File::open("/dev/null").unwrap();
+            on_thread(ThreadKind::Vcpu, move || {
+                use std::os::fd::AsRawFd;
+                // With MSHV, any MSHV request passes (type 0xB8: here MSHV_INITIALIZE_PARTITION)
+                // neighbourhood) and fails on /dev/null...
+                // SAFETY: ioctls on /dev/null with no argument: ENOTTY.
+                let mshv = unsafe { libc::ioctl(null.as_raw_fd(), 0xb800, 0) };
+                assert_eq!(mshv, -1);
+                // ...and a KVM one is stopped.
+                // SAFETY: as above.
+                unsafe { libc::ioctl(null.as_raw_fd(), 0xae80, 0) }
             });
         }
         "api-open" => {
