@@ -143,9 +143,14 @@ fn vsock_both_directions_credit_and_rst() {
         "{}",
         run.dump()
     );
-    // 1 MiB through the device's 256 KiB buffer needs its credit updates.
-    assert!(
-        run.num("vsock", "bulk", "credit_updates").unwrap() > 0,
+    // 1 MiB went through the device's 256 KiB buffer (assert_passed: the guest sent it all
+    // within its deadline), so the device gave credit back. How is timing: in the header of
+    // the echo's packets (fwd_cnt) or in explicit CREDIT_UPDATEs, so neither count is
+    // asserted here; explicit updates are checked by the device's unit test
+    // `credit_updates_and_backpressure_guest_to_host`.
+    assert_eq!(
+        run.num("vsock", "bulk", "bytes"),
+        Some(1 << 20),
         "{}",
         run.dump()
     );
