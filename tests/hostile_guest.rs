@@ -12,30 +12,6 @@ mod common;
 use common::testguest::*;
 use common::TempDir;
 
-/// Each `<suite>` line with a `case` must say accepted=1 and recovered=1.
-fn check_cases(run: &GuestRun, suite: &str, at_least: usize) -> usize {
-    let lines = run.lines(suite);
-    let cases: Vec<_> = lines.iter().filter(|m| m.contains_key("case")).collect();
-    assert!(
-        cases.len() >= at_least,
-        "{suite}: only {} cases ran\n{}",
-        cases.len(),
-        run.dump()
-    );
-    for c in &cases {
-        assert_eq!(
-            (c["accepted"].as_str(), c["recovered"].as_str()),
-            ("1", "1"),
-            "{suite} case {} ({})\n{}",
-            c["case"],
-            c["outcome"],
-            run.dump()
-        );
-    }
-    run.assert_passed(suite);
-    cases.len()
-}
-
 #[test]
 fn every_device_attacked_in_one_vm_and_all_keep_working() {
     let dir = TempDir::new("hostile-all");
@@ -53,9 +29,9 @@ fn every_device_attacked_in_one_vm_and_all_keep_working() {
         &["--disk", &disk, "--vsock", &vsock, "--net", &net],
         300,
     );
-    let blk = check_cases(&run, "blk_hostile", 40);
-    let vsock = check_cases(&run, "vsock_hostile", 15);
-    let net = check_cases(&run, "net_hostile", 12);
+    let blk = run.assert_hostile_cases("blk_hostile", 40);
+    let vsock = run.assert_hostile_cases("vsock_hostile", 15);
+    let net = run.assert_hostile_cases("net_hostile", 12);
     assert!(run.status.success(), "{}", run.dump());
     for complaint in ["invalid request", "invalid packet"] {
         assert!(run.stderr.contains(complaint), "{}", run.dump());

@@ -185,6 +185,32 @@ impl GuestRun {
         )
     }
 
+    /// Asserts that hostile suite `suite` ran at least `at_least` cases, each refused
+    /// (accepted=1) and recovered from (recovered=1), and that the suite passed; returns
+    /// how many cases ran.
+    pub fn assert_hostile_cases(&self, suite: &str, at_least: usize) -> usize {
+        let lines = self.lines(suite);
+        let cases: Vec<_> = lines.iter().filter(|m| m.contains_key("case")).collect();
+        assert!(
+            cases.len() >= at_least,
+            "{suite}: only {} cases ran\n{}",
+            cases.len(),
+            self.dump()
+        );
+        for c in &cases {
+            assert_eq!(
+                (c["accepted"].as_str(), c["recovered"].as_str()),
+                ("1", "1"),
+                "{suite} case {} ({})\n{}",
+                c["case"],
+                c["outcome"],
+                self.dump()
+            );
+        }
+        self.assert_passed(suite);
+        cases.len()
+    }
+
     /// Asserts that the guest ran test `name` to a pass, reached its `end` line with every
     /// test passed, and reset the machine (podvmm exit 0).
     pub fn assert_passed(&self, name: &str) {
