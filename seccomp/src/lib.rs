@@ -204,6 +204,8 @@ pub fn init(mode: Mode, backend: Backend) -> Result<(), Error> {
         .name("spawner".into())
         .stack_size(64 << 10)
         .spawn(move || {
+            // Before any thread that may not open files exists: they all start here.
+            churn_heap();
             apply_or_exit(ThreadKind::Spawner);
             for job in rx {
                 job();
@@ -324,6 +326,25 @@ fn prepare_process() -> Result<(), Error> {
         return Err(Error::Handler(io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Grows the calling thread's malloc heap by about 1 MiB, in blocks below the mmap threshold,
+/// and frees it newest first, so the top of the heap passes the trim threshold and glibc
+/// shrinks the heap.
+///
+/// The first time a thread arena's heap shrinks, glibc reads `/proc/sys/vm/overcommit_memory`
+/// (once per process). Left for later, that open would come from whichever filtered worker
+/// first frees enough memory at once, and stop the process; so the spawner, a thread with an
+/// arena of its own, runs this before its filter and before it starts any other thread.
+/// Public for `tests/enforce.rs`, which runs it on filtered workers.
+#[doc(hidden)]
+pub fn churn_heap() {
+    let blocks: Vec<Vec<u8>> = (0..10)
+        .map(|i| std::hint::black_box(vec![i as u8; 96 << 10]))
+        .collect();
+    for b in blocks.into_iter().rev() {
+        drop(std::hint::black_box(b));
+    }
 }
 
 /// `siginfo_t` as the kernel fills it for SIGSYS (the libc crate does not expose `_sigsys`).
