@@ -188,6 +188,9 @@ pub fn init(mode: Mode, backend: Backend) -> Result<(), Error> {
         programs.push((kind, compile(kind, backend, mismatch.clone())?));
     }
     prepare_process()?;
+    if mode == Mode::Enforce {
+        install_panic_hook();
+    }
     let (tx, rx) = mpsc::channel::<Job>();
     let state = State {
         mode,
@@ -345,6 +348,35 @@ pub fn churn_heap() {
     for b in blocks.into_iter().rev() {
         drop(std::hint::black_box(b));
     }
+}
+
+/// Reports a panic on a filtered thread without what the default hook needs and no filter
+/// allows (with `RUST_BACKTRACE` set, it reads the working directory and opens the
+/// executable to name the frames): with the default hook, a device worker's panic, which
+/// the VM is meant to survive, would stop the process with a report of a forbidden call.
+/// Unfiltered threads keep the default hook.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let Some(kind) = CURRENT.with(|c| c.get()) else {
+            return default(info);
+        };
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("Box<dyn Any>");
+        let location = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let current = thread::current();
+        let name = current.name().unwrap_or("<unnamed>");
+        eprintln!(
+            "\nthread '{name}' (a {} thread) panicked at {location}:\n{msg}\n\
+             note: no backtrace on a filtered thread; run with --seccomp log and \
+             RUST_BACKTRACE=1 for one",
+            kind.name()
+        );
+    }));
 }
 
 /// `siginfo_t` as the kernel fills it for SIGSYS (the libc crate does not expose `_sigsys`).

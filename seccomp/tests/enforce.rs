@@ -62,6 +62,32 @@ fn main() {
             failed += 1;
         }
     }
+    // A worker's panic is reported and contained, even with RUST_BACKTRACE set.
+    for backtrace in [None, Some("1")] {
+        let mut child = Command::new(std::env::current_exe().expect("own path"));
+        child
+            .args(["child", "worker-panic"])
+            .env_remove("RUST_BACKTRACE");
+        if let Some(value) = backtrace {
+            child.env("RUST_BACKTRACE", value);
+        }
+        let out = child.output().expect("run the child");
+        let backtrace = backtrace.unwrap_or("unset");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = "thread 'case' (a vsock thread) panicked at";
+        if out.status.success() && stderr.contains(want) && stderr.contains("deliberate") {
+            println!(
+                "ok   worker-panic (RUST_BACKTRACE={backtrace}): {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        } else {
+            println!(
+                "FAIL worker-panic (RUST_BACKTRACE={backtrace}): {:?}, stderr: {stderr}",
+                out.status
+            );
+            failed += 1;
+        }
+    }
     if failed > 0 {
         println!("{failed} case(s) failed");
         std::process::exit(1);
@@ -260,6 +286,18 @@ fn child(case: &str) {
                 on_thread(kind, seccomp::churn_heap);
             }
             println!("vsock, block and vcpu workers grew and trimmed their heaps");
+        }
+        "worker-panic" => {
+            let worker = seccomp::spawn(
+                thread::Builder::new().name("case".into()),
+                ThreadKind::Vsock,
+                || panic!("deliberate"),
+            );
+            assert!(worker.expect("spawn").join().is_err());
+            // The process goes on: the VMM thread can still do its work.
+            seccomp::apply(ThreadKind::Vmm).unwrap();
+            assert!(open_file());
+            println!("reported, and the process went on");
         }
         "log" => {
             let fd = on_thread(ThreadKind::Vcpu, inet_socket);
