@@ -66,7 +66,9 @@ impl NetBackend for ScriptedTap {
             }
             let n = b.len().min(len - copied);
             let bytes: Vec<u8> = (copied..copied + n).map(|i| i as u8 ^ 0x5a).collect();
-            b.subslice(0, n).expect("within the slice").copy_from(&bytes);
+            b.subslice(0, n)
+                .expect("within the slice")
+                .copy_from(&bytes);
             let start = b.ptr_guard().as_ptr() as usize;
             over_rings |= start < self.rings.end && self.rings.start < start + n;
             copied += n;
@@ -152,7 +154,10 @@ fuzz_target!(|data: &[u8]| {
         let at = GuestAddress(USED + 4 + 8 * i);
         let id: u32 = mem.read_obj(at).expect("used id");
         let len: u32 = mem.read_obj(GuestAddress(at.0 + 4)).expect("used len");
-        assert!(id < u32::from(ring::QSIZE), "used id {id} is not a descriptor");
+        assert!(
+            id < u32::from(ring::QSIZE),
+            "used id {id} is not a descriptor"
+        );
         used_bytes += u64::from(len);
     }
     if used_idx <= ring::QSIZE {

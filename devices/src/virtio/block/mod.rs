@@ -7,6 +7,8 @@
 //! adds the chain to the used ring and, if the driver wants it, raises the irqfd.
 
 pub mod engine;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod request;
 #[cfg(test)]
 mod tests;
