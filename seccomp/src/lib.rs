@@ -396,8 +396,8 @@ const SYS_SECCOMP: i32 = 1;
 /// Names the forbidden call and the thread, then ends the process. Async-signal-safe: it
 /// formats into a stack buffer and uses write(2) and _exit(2) only, both allowed to every
 /// thread.
-extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    let mut buf = [0u8; 160];
+extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let mut buf = [0u8; 256];
     let mut w = Writer {
         buf: &mut buf,
         len: 0,
@@ -414,6 +414,23 @@ extern "C" fn sigsys_handler(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut l
     w.put(b" in a thread of kind ");
     let kind = CURRENT.with(|c| c.get());
     w.put(kind.map_or("unknown", |k| k.name()).as_bytes());
+    // The call's first three arguments (an ioctl's request number is the second): the
+    // registers as the thread entered the kernel.
+    if !ctx.is_null() {
+        // SAFETY: for a SA_SIGINFO handler the third argument is the thread's ucontext_t.
+        let regs = unsafe { &(*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
+        w.put(b" (arguments ");
+        for (i, reg) in [libc::REG_RDI, libc::REG_RSI, libc::REG_RDX]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                w.put(b", ");
+            }
+            w.hex(regs[reg as usize] as u64);
+        }
+        w.put(b")");
+    }
     w.put(b"; stopping (run with --seccomp log to see every such call)\n");
     let len = w.len;
     // SAFETY: writes bytes from a live stack buffer to stderr, then ends the process.
@@ -434,6 +451,18 @@ impl Writer<'_> {
             if self.len < self.buf.len() {
                 self.buf[self.len] = b;
                 self.len += 1;
+            }
+        }
+    }
+
+    fn hex(&mut self, n: u64) {
+        self.put(b"0x");
+        let mut started = false;
+        for shift in (0..16).rev() {
+            let digit = ((n >> (shift * 4)) & 0xf) as usize;
+            if digit != 0 || started || shift == 0 {
+                started = true;
+                self.put(&[b"0123456789abcdef"[digit]]);
             }
         }
     }
