@@ -3,6 +3,8 @@
 //! descriptor layout) and host actions (connect with any line, write, half-close, close),
 //! one muxer round after each step, in place (no thread: `devices::virtio::vsock::fuzzing`).
 //!
+//! The input's last byte may also zero the device's time-outs (see `options`).
+//!
 //! Checks beyond "no panic, no sanitizer report": every packet the device hands the guest
 //! fits the buffer it was given, comes from the host to this guest, is a stream packet with
 //! a known op and a length that matches the bytes used; the device never writes into the
@@ -14,6 +16,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use devices::virtio::vsock::fuzzing::Harness;
 use devices::virtio::vsock::packet::{Header, HEADER_LEN, HOST_CID, TYPE_STREAM};
@@ -240,6 +243,24 @@ impl Rig {
     }
 }
 
+/// The device's options: the defaults, except that the input's last byte may set any of the
+/// time-outs to zero (bit 7: connect, bit 6: close, bit 5: CONNECT line), so that they expire
+/// within one execution and the paths that end connections on time run too.
+fn options(data: &[u8]) -> VsockOptions {
+    let last = data.last().copied().unwrap_or(0);
+    let mut o = VsockOptions::default();
+    if last & 0x80 != 0 {
+        o.connect_timeout = Duration::ZERO;
+    }
+    if last & 0x40 != 0 {
+        o.close_timeout = Duration::ZERO;
+    }
+    if last & 0x20 != 0 {
+        o.line_timeout = Duration::ZERO;
+    }
+    o
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = Input(data);
     let mem = Arc::new(
@@ -258,7 +279,7 @@ fuzz_target!(|data: &[u8]| {
         mem.clone(),
         RINGS.map(queue),
         interrupt,
-        VsockOptions::default(),
+        options(data),
     )
     .expect("vsock harness");
     let mut rig = Rig {
