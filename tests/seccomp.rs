@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use api_support::*;
 use common::testguest::{
-    first_mismatch, pattern_disk, testguest, GuestRun, Netns, DISK_KEY, GUEST_IP, GUEST_MAC,
-    HOST_IP,
+    first_mismatch, pattern_disk, testguest, testguest_command, GuestRun, Netns, DISK_KEY,
+    GUEST_IP, GUEST_MAC, HOST_IP,
 };
 use common::*;
 
@@ -151,12 +151,7 @@ fn every_thread_is_filtered_while_devices_work() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = child.wait_with_output().expect("wait for podvmm");
-    let run = GuestRun {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        status: out.status,
-    };
+    let run = GuestRun::from_output(child.wait_with_output().expect("wait for podvmm"));
     run.assert_passed("blk");
     run.assert_passed("net");
     for values in seen.values_mut() {
@@ -262,33 +257,14 @@ fn run_without_io_uring(cmdline: &str, disk: &std::path::Path) -> GuestRun {
     )
     .and_then(TryInto::try_into)
     .expect("compile the outer filter");
-    let mut cmd = Command::new("timeout");
-    cmd.args(["--kill-after=5", "60"])
-        .arg(podvmm_bin())
-        .arg("--kernel")
-        .arg(testguest())
-        .args([
-            "--memory",
-            "size=256M",
-            "--serial",
-            "tty",
-            "--cmdline",
-            cmdline,
-        ])
-        .arg("--disk")
-        .arg(format!("path={},num_queues=2", path_str(disk)))
-        .stdin(Stdio::null());
+    let disk_arg = format!("path={},num_queues=2", path_str(disk));
+    let mut cmd = testguest_command(&[], cmdline, &["--disk", &disk_arg], 60);
     // SAFETY: between fork and exec the child only installs an already compiled program
     // (prctl and seccomp(2), no allocation); it stays on through exec (no_new_privs).
     unsafe {
         cmd.pre_exec(move || seccompiler::apply_filter(&no_uring).map_err(std::io::Error::other));
     }
-    let out = cmd.output().expect("run podvmm");
-    GuestRun {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        status: out.status,
-    }
+    GuestRun::from_output(cmd.output().expect("run podvmm"))
 }
 
 /// The synchronous block engine (used where io_uring is missing or forbidden) serves the

@@ -101,13 +101,26 @@ pub fn run_testguest_under(
     args: &[&str],
     timeout_s: u32,
 ) -> GuestRun {
+    let out = testguest_command(wrapper, cmdline, args, timeout_s)
+        .output()
+        .expect("run podvmm");
+    GuestRun::from_output(out)
+}
+
+/// The command [`run_testguest_under`] runs, for a caller that adjusts it first.
+pub fn testguest_command(
+    wrapper: &[&str],
+    cmdline: &str,
+    args: &[&str],
+    timeout_s: u32,
+) -> Command {
     let kernel = testguest();
     let (program, wrapper_args) = match wrapper.split_first() {
         Some((p, rest)) => (*p, rest),
         None => ("env", &[][..]),
     };
-    let out = Command::new(program)
-        .args(wrapper_args)
+    let mut cmd = Command::new(program);
+    cmd.args(wrapper_args)
         .arg("timeout")
         .arg("--kill-after=5")
         .arg(timeout_s.to_string())
@@ -123,17 +136,19 @@ pub fn run_testguest_under(
             cmdline,
         ])
         .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run podvmm");
-    GuestRun {
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        status: out.status,
-    }
+        .stdin(Stdio::null());
+    cmd
 }
 
 impl GuestRun {
+    pub fn from_output(out: std::process::Output) -> Self {
+        GuestRun {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            status: out.status,
+        }
+    }
+
     /// The `key=value` pairs of every `TESTGUEST <kind> ...` line.
     pub fn lines(&self, kind: &str) -> Vec<HashMap<String, String>> {
         self.stdout
