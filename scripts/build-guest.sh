@@ -36,6 +36,8 @@ SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")
 REPO=$(cd "$(dirname "$SCRIPT_PATH")/.." && pwd)
 FRAGMENT="$REPO/resources/kernel-config"
 INIT="$REPO/resources/guest/init"
+# Guest-kernel patches (patch -p1, applied in name order to a copy of the source).
+PATCHES="$REPO/resources/kernel-patches"
 CACHE=${PODVMM_GUEST_CACHE:-$HOME/.cache/podvmm/guest}
 JOBS=${PODVMM_GUEST_JOBS:-$(nproc)}
 OUT="$REPO/target/guest"
@@ -65,6 +67,7 @@ PKGS=(
     lz4               # bzImage compression (CONFIG_KERNEL_LZ4)
     gzip              # initramfs.cpio.gz
     busybox-static    # the initramfs user space
+    patch             # resources/kernel-patches/
 )
 pkg_installed() {
     [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null || true) == installed ]]
@@ -101,8 +104,15 @@ AGENT_KEY=$("$REPO/scripts/build-agent.sh" --print-key)
 # kernel (and editing only the config does not rebuild the initramfs).
 hash16() { sha256sum | cut -c1-16; }
 SCRIPT_SUM=$(sha256sum <"$SCRIPT_PATH")
-KKEY=$(printf 'fragment %s\nscript %s\n%s %s\n' "$(sha256sum <"$FRAGMENT")" \
-    "$SCRIPT_SUM" "$SRC_PKG" "$SRC_VERSION" | hash16)
+# The patches' key: their names and contents, in the order they are applied.
+PATCH_LIST=()
+if [[ -d $PATCHES ]]; then
+    while IFS= read -r f; do PATCH_LIST+=("$f"); done < <(find "$PATCHES" -maxdepth 1 -name '*.patch' | sort)
+fi
+PKEY=$(for f in ${PATCH_LIST[@]+"${PATCH_LIST[@]}"}; do
+    printf '%s %s\n' "$(basename "$f")" "$(sha256sum <"$f")"; done | hash16)
+KKEY=$(printf 'fragment %s\nscript %s\n%s %s\npatches %s\n' "$(sha256sum <"$FRAGMENT")" \
+    "$SCRIPT_SUM" "$SRC_PKG" "$SRC_VERSION" "$PKEY" | hash16)
 IKEY=$(printf 'init %s\nscript %s\nbusybox-static %s\nagent %s\n' "$(sha256sum <"$INIT")" \
     "$SCRIPT_SUM" "$BB_VERSION" "$AGENT_KEY" | hash16)
 KEY=$(printf 'kernel %s\ninitramfs %s\n' "$KKEY" "$IKEY" | hash16)
@@ -110,7 +120,7 @@ if [[ $MODE == print-key ]]; then
     echo "$KEY"
     exit 0
 fi
-log "cache key $KEY (kernel $KKEY: $SRC_PKG $SRC_VERSION; initramfs $IKEY: busybox-static $BB_VERSION, agent $AGENT_KEY)"
+log "cache key $KEY (kernel $KKEY: $SRC_PKG $SRC_VERSION, ${#PATCH_LIST[@]} patches $PKEY; initramfs $IKEY: busybox-static $BB_VERSION, agent $AGENT_KEY)"
 
 # --------------------------------------------------- unpacked kernel source --
 # Shared by all keys of the same linux-source version; never built in (all
@@ -124,6 +134,27 @@ if [[ ! -f $KSRC/Makefile ]]; then
     tar -C "$SRC_ROOT.tmp" -xf "$SRC_TARBALL"
     [[ -f $SRC_ROOT.tmp/linux-source-6.12/Makefile ]] || die "unexpected tarball layout"
     mv "$SRC_ROOT.tmp" "$SRC_ROOT"
+fi
+
+# ---------------------------------------------------- patched kernel source --
+# The pristine tree above stays untouched: the patches go to a copy made of hard links
+# (patch writes each file it changes anew, so the pristine inode keeps its contents), one per
+# patch set, built under a temp name and renamed into place when every patch applied.
+if ((${#PATCH_LIST[@]})); then
+    PSRC_ROOT="$CACHE/src/$SRC_VERSION+patches-$PKEY"
+    if [[ ! -f $PSRC_ROOT/applied ]]; then
+        log "applying ${#PATCH_LIST[@]} kernel patch(es) to a copy of the source"
+        rm -rf "$PSRC_ROOT" "$PSRC_ROOT.tmp"
+        mkdir -p "$PSRC_ROOT.tmp"
+        cp -al "$KSRC" "$PSRC_ROOT.tmp/linux-source-6.12"
+        for f in "${PATCH_LIST[@]}"; do
+            patch -s -p1 -N -d "$PSRC_ROOT.tmp/linux-source-6.12" <"$f" >&2 \
+                || die "patch $(basename "$f") does not apply to $SRC_PKG $SRC_VERSION"
+            echo "$(basename "$f")" >>"$PSRC_ROOT.tmp/applied"
+        done
+        mv "$PSRC_ROOT.tmp" "$PSRC_ROOT"
+    fi
+    KSRC="$PSRC_ROOT/linux-source-6.12"
 fi
 
 # Reproducible-build knobs (uname -v shows the kernel key instead of a date).

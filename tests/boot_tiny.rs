@@ -292,7 +292,7 @@ fn guest_sees_filtered_cpuid() {
         stderr(&out)
     );
     assert_eq!(
-        stderr(&out).contains("clearcpuid="),
+        stderr(&out).contains("clearcpuid=") && stderr(&out).contains("pvm_syscall_fixup"),
         pvm,
         "{}",
         stderr(&out)

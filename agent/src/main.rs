@@ -7,19 +7,22 @@ use std::sync::Arc;
 
 use agent::protocol::{AGENT_PORT, HOST_CID, READY_PORT};
 use agent::server::{serve, Agent, SystemPower};
-use agent::vsock::{announce, ConsoleStream, VsockListener};
+use agent::vsock::{announce, ConsoleStream, Stream, VsockListener, VsockStream};
 
 const USAGE: &str = "usage: podvmm-agent [--port N] [--ready-port N | --no-ready] [--console]
   --port N        vsock port to listen on (default 1024)
   --ready-port N  host port to announce readiness to (default 1023; podvmm records it)
   --no-ready      do not announce readiness
   --console       also answer the protocol on the console (stdin/stdout), for debugging
-                  a guest without vsock; as init: rdinit=/sbin/podvmm-agent -- --console";
+                  a guest without vsock; as init: rdinit=/sbin/podvmm-agent -- --console
+  --connect N     instead of serving: connect to host vsock port N (podvmm: the Unix socket
+                  <socket>_N), send stdin, then print what the host sends until it closes";
 
 struct Args {
     port: u32,
     ready_port: Option<u32>,
     console: bool,
+    connect: Option<u32>,
 }
 
 fn parse(args: &[String], lenient: bool) -> Result<Args, String> {
@@ -27,6 +30,7 @@ fn parse(args: &[String], lenient: bool) -> Result<Args, String> {
         port: AGENT_PORT,
         ready_port: Some(READY_PORT),
         console: false,
+        connect: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -42,6 +46,7 @@ fn parse(args: &[String], lenient: bool) -> Result<Args, String> {
             "--ready-port" => a.ready_port = Some(number("--ready-port")?),
             "--no-ready" => a.ready_port = None,
             "--console" => a.console = true,
+            "--connect" => a.connect = Some(number("--connect")?),
             "-h" | "--help" => return Err(String::new()),
             "-V" | "--version" => {
                 println!("{}", agent::protocol::agent_version());
@@ -53,6 +58,36 @@ fn parse(args: &[String], lenient: bool) -> Result<Args, String> {
         }
     }
     Ok(a)
+}
+
+/// `--connect N`: a guest program reaching a host service over vsock (a `nc` for vsock).
+fn connect(port: u32) -> i32 {
+    use std::io::{Read, Write};
+    let mut s = match VsockStream::connect(HOST_CID, port) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("podvmm-agent: {e}");
+            return 1;
+        }
+    };
+    let mut input = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut input) {
+        eprintln!("podvmm-agent: reading stdin: {e}");
+        return 1;
+    }
+    if let Err(e) = s.write_all(&input).and_then(|_| s.shutdown_write()) {
+        eprintln!("podvmm-agent: sending to host port {port}: {e}");
+        return 1;
+    }
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        eprintln!("podvmm-agent: reading from host port {port}: {e}");
+        return 1;
+    }
+    match std::io::stdout().write_all(&out) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
 }
 
 fn run(args: &Args) -> i32 {
@@ -107,6 +142,9 @@ fn main() -> ExitCode {
             return ExitCode::from(if msg.is_empty() { 0 } else { 2 });
         }
     };
+    if let Some(port) = args.connect {
+        return ExitCode::from(connect(port) as u8);
+    }
     if is_init {
         for e in agent::init::mount_basics() {
             eprintln!("podvmm-agent: {e}");
@@ -132,6 +170,10 @@ mod tests {
         assert_eq!((a.port, a.ready_port), (1024, Some(1023)));
         let a = parse(&s(&["--port", "5000", "--no-ready", "--console"]), false).unwrap();
         assert_eq!((a.port, a.ready_port, a.console), (5000, None, true));
+        assert_eq!(
+            parse(&s(&["--connect", "7"]), false).unwrap().connect,
+            Some(7)
+        );
         for bad in [
             &["--port"][..],
             &["--port", "x"],

@@ -23,6 +23,13 @@ pub enum VsockError {
         #[source]
         source: std::io::Error,
     },
+    #[error("connecting to vsock {cid}:{port}: {source}")]
+    Connect {
+        cid: u32,
+        port: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("announcing readiness to host port {port}: {source}")]
     Announce {
         port: u32,
@@ -83,6 +90,31 @@ const ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as li
 
 /// A vsock stream socket.
 pub struct VsockStream(OwnedFd);
+
+impl VsockStream {
+    /// Connects to `port` of context `cid` (the host is [`crate::protocol::HOST_CID`]); with
+    /// podvmm's hybrid vsock, host port N is the Unix socket `<socket>_N`.
+    pub fn connect(cid: u32, port: u32) -> Result<Self, VsockError> {
+        let fd = vsock_socket().map_err(VsockError::Socket)?;
+        let addr = vsock_addr(cid, port);
+        loop {
+            // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes.
+            let rc =
+                unsafe { libc::connect(fd.as_raw_fd(), std::ptr::addr_of!(addr).cast(), ADDR_LEN) };
+            if rc == 0 {
+                return Ok(VsockStream(fd));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(VsockError::Connect {
+                    cid,
+                    port,
+                    source: e,
+                });
+            }
+        }
+    }
+}
 
 impl Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -262,12 +262,31 @@ pub struct VsockConfig {
     pub socket: PathBuf,
     #[serde(default)]
     pub id: Option<String>,
+    /// podvmm's own: seconds a host `CONNECT` is held while the guest boots (before the agent
+    /// announces itself); default 600. See docs/vsock.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<u64>,
 }
 
+/// Bounds of [`VsockConfig::connect_timeout`], in seconds.
+pub const VSOCK_CONNECT_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
+
 impl VsockConfig {
-    /// `cid=N,socket=PATH[,id=NAME]`
+    /// Checks what serde cannot: the hold time's range.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.connect_timeout {
+            Some(t) if !VSOCK_CONNECT_TIMEOUT_RANGE.contains(&t) => Err(format!(
+                "vsock connect_timeout={t}: must be {} to {} seconds",
+                VSOCK_CONNECT_TIMEOUT_RANGE.start(),
+                VSOCK_CONNECT_TIMEOUT_RANGE.end()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// `cid=N,socket=PATH[,id=NAME][,connect_timeout=SECONDS]`
     pub fn parse(s: &str) -> Result<Self, OptionError> {
-        let m = OptionMap::parse(s, &["cid", "socket", "id"])?;
+        let m = OptionMap::parse(s, &["cid", "socket", "id", "connect_timeout"])?;
         let cid = m
             .parse_with("cid", |v| {
                 let n: u32 = v.parse().map_err(|_| "expected a number".to_string())?;
@@ -281,10 +300,22 @@ impl VsockConfig {
             .get("socket")
             .filter(|p| !p.is_empty())
             .ok_or_else(|| OptionError::Missing("socket".into()))?;
+        let connect_timeout = m.parse_with("connect_timeout", |v| {
+            let n: u64 = v.parse().map_err(|_| "expected seconds".to_string())?;
+            if !VSOCK_CONNECT_TIMEOUT_RANGE.contains(&n) {
+                return Err(format!(
+                    "must be {} to {} seconds",
+                    VSOCK_CONNECT_TIMEOUT_RANGE.start(),
+                    VSOCK_CONNECT_TIMEOUT_RANGE.end()
+                ));
+            }
+            Ok(n)
+        })?;
         Ok(VsockConfig {
             cid,
             socket: PathBuf::from(socket),
             id: m.get("id").map(str::to_string),
+            connect_timeout,
         })
     }
 }
@@ -364,8 +395,23 @@ mod tests {
     fn vsock_option() {
         let v = VsockConfig::parse("cid=3,socket=/run/v.sock").unwrap();
         assert_eq!((v.cid, v.socket), (3, PathBuf::from("/run/v.sock")));
-        for bad in ["cid=2,socket=/s", "cid=x,socket=/s", "socket=/s", "cid=3"] {
+        assert_eq!(v.connect_timeout, None);
+        let v = VsockConfig::parse("cid=3,socket=/s,connect_timeout=900").unwrap();
+        assert_eq!(v.connect_timeout, Some(900));
+        assert!(v.validate().is_ok());
+        for bad in [
+            "cid=2,socket=/s",
+            "cid=x,socket=/s",
+            "socket=/s",
+            "cid=3",
+            "cid=3,socket=/s,connect_timeout=0",
+            "cid=3,socket=/s,connect_timeout=86401",
+            "cid=3,socket=/s,connect_timeout=-1",
+        ] {
             assert!(VsockConfig::parse(bad).is_err(), "{bad}");
         }
+        let json: VsockConfig =
+            serde_json::from_str(r#"{"cid":3,"socket":"/s","connect_timeout":0}"#).unwrap();
+        assert!(json.validate().unwrap_err().contains("connect_timeout=0"));
     }
 }

@@ -68,16 +68,41 @@ pub fn clearcpuid_param() -> String {
     format!("clearcpuid={}", names.join(","))
 }
 
-/// The command line a guest gets: `cmdline`, plus the CPUID workaround where the hypervisor
-/// does not enforce our filtering and the user did not choose their own.
-pub fn guest_cmdline(cmdline: &str, cpuid_enforced: bool) -> String {
-    if cpuid_enforced || cmdline.contains("clearcpuid=") {
-        cmdline.to_string()
-    } else if cmdline.is_empty() {
-        clearcpuid_param()
-    } else {
-        format!("{cmdline} {}", clearcpuid_param())
+/// The kernel parameter of the guest kit's PVM patch (`resources/kernel-patches/`): the guest
+/// kernel completes a 64-bit `syscall` that PVM left in user mode. Unknown to other kernels,
+/// which pass it on to init as an argument.
+pub const SYSCALL_FIXUP_PARAM: &str = "pvm_syscall_fixup";
+
+/// What a guest needs on its command line because of the hypervisor it runs on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostQuirks {
+    /// The hypervisor overrides some CPUID bits (PVM): hide [`HIDDEN_FEATURES`] from inside.
+    pub cpuid_not_enforced: bool,
+    /// 64-bit `syscall` does not reach ring 0 (PVM): ask for the kit's syscall fix-up.
+    pub syscall_fixup: bool,
+}
+
+/// The parameters podvmm adds to `cmdline` for `quirks`, each only where the user did not give
+/// it (or its own `clearcpuid=` list) already.
+pub fn added_params(cmdline: &str, quirks: HostQuirks) -> Vec<String> {
+    let mut added = Vec::new();
+    if quirks.cpuid_not_enforced && !cmdline.contains("clearcpuid=") {
+        added.push(clearcpuid_param());
     }
+    if quirks.syscall_fixup && !cmdline.split_whitespace().any(|w| w == SYSCALL_FIXUP_PARAM) {
+        added.push(SYSCALL_FIXUP_PARAM.to_string());
+    }
+    added
+}
+
+/// The command line a guest gets: `cmdline` plus [`added_params`].
+pub fn guest_cmdline(cmdline: &str, quirks: HostQuirks) -> String {
+    let mut words: Vec<String> = Vec::new();
+    if !cmdline.is_empty() {
+        words.push(cmdline.to_string());
+    }
+    words.extend(added_params(cmdline, quirks));
+    words.join(" ")
 }
 
 /// CPUID.1:ECX bit 31 tells the guest it runs under a hypervisor.
@@ -235,12 +260,42 @@ mod tests {
 
     #[test]
     fn command_line_workaround_only_where_needed() {
-        assert_eq!(guest_cmdline("console=ttyS0", true), "console=ttyS0");
-        let c = guest_cmdline("console=ttyS0", false);
+        let none = HostQuirks::default();
+        let pvm = HostQuirks {
+            cpuid_not_enforced: true,
+            syscall_fixup: true,
+        };
+        assert_eq!(guest_cmdline("console=ttyS0", none), "console=ttyS0");
+        let c = guest_cmdline("console=ttyS0", pvm);
         assert!(c.starts_with("console=ttyS0 clearcpuid=fma,cx16,"), "{c}");
-        assert!(c.contains(",xsave,") && c.ends_with(",rdtscp"), "{c}");
-        assert_eq!(guest_cmdline("clearcpuid=pcid", false), "clearcpuid=pcid");
-        assert_eq!(guest_cmdline("", false), clearcpuid_param());
+        assert!(
+            c.contains(",xsave,") && c.ends_with(",rdtscp pvm_syscall_fixup"),
+            "{c}"
+        );
+        assert_eq!(
+            guest_cmdline("clearcpuid=pcid", pvm),
+            "clearcpuid=pcid pvm_syscall_fixup"
+        );
+        assert_eq!(
+            guest_cmdline("", pvm),
+            format!("{} pvm_syscall_fixup", clearcpuid_param())
+        );
+        // Given by the user: not twice; a longer word is not the parameter.
+        assert_eq!(
+            added_params("a pvm_syscall_fixup b", pvm),
+            vec![clearcpuid_param()]
+        );
+        assert_eq!(
+            added_params("pvm_syscall_fixupx", pvm)
+                .last()
+                .map(String::as_str),
+            Some("pvm_syscall_fixup")
+        );
+        let cpuid_only = HostQuirks {
+            cpuid_not_enforced: true,
+            syscall_fixup: false,
+        };
+        assert_eq!(guest_cmdline("", cpuid_only), clearcpuid_param());
     }
 
     #[test]

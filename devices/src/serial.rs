@@ -46,6 +46,42 @@ impl SerialOutput {
     }
 }
 
+/// Called with each complete console line (without its newline), for a VMM that watches the
+/// console for a known failure; lines are cut at [`WATCH_LINE_MAX`] bytes.
+pub type LineWatch = Box<dyn FnMut(&[u8]) + Send>;
+
+/// The longest line a [`LineWatch`] sees; the rest of a longer line is not buffered.
+pub const WATCH_LINE_MAX: usize = 512;
+
+/// Passes bytes through to the console and complete lines to a watcher.
+struct Watched {
+    inner: Box<dyn Write + Send>,
+    line: Vec<u8>,
+    watch: LineWatch,
+}
+
+impl Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        for &b in buf {
+            match b {
+                b'\n' => {
+                    (self.watch)(&self.line);
+                    self.line.clear();
+                }
+                b'\r' => {}
+                _ if self.line.len() < WATCH_LINE_MAX => self.line.push(b),
+                _ => {}
+            }
+        }
+        self.inner.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 pub struct Serial {
     uart: vm_superio::Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
     write_errors: u64,
@@ -54,8 +90,22 @@ pub struct Serial {
 impl Serial {
     /// `irq_evt` is signalled whenever the UART raises its interrupt.
     pub fn new(irq_evt: EventFd, output: SerialOutput) -> Self {
+        Self::with_writer(irq_evt, output.into_writer())
+    }
+
+    /// Like [`Serial::new`], with every complete output line also handed to `watch`.
+    pub fn watched(irq_evt: EventFd, output: SerialOutput, watch: LineWatch) -> Self {
+        let writer = Watched {
+            inner: output.into_writer(),
+            line: Vec::new(),
+            watch,
+        };
+        Self::with_writer(irq_evt, Box::new(writer))
+    }
+
+    fn with_writer(irq_evt: EventFd, writer: Box<dyn Write + Send>) -> Self {
         Serial {
-            uart: vm_superio::Serial::new(EventFdTrigger(irq_evt), output.into_writer()),
+            uart: vm_superio::Serial::new(EventFdTrigger(irq_evt), writer),
             write_errors: 0,
         }
     }
@@ -102,6 +152,32 @@ mod tests {
     const THR: u64 = 0;
     const IER: u64 = 1;
     const LSR: u64 = 5;
+
+    #[test]
+    fn a_watcher_sees_whole_lines_and_the_console_every_byte() {
+        use std::sync::{Arc, Mutex};
+        let dir = std::env::temp_dir().join(format!("podvmm-serial-w-{}", std::process::id()));
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = seen.clone();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::watched(
+            evt,
+            SerialOutput::file(&dir).unwrap(),
+            Box::new(move |l| sink.lock().unwrap().push(String::from_utf8_lossy(l).into())),
+        );
+        let long = "x".repeat(WATCH_LINE_MAX + 10);
+        for b in format!("one\r\ntwo\n{long}\npartial").bytes() {
+            serial.write(THR, &[b]);
+        }
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!((seen[0].as_str(), seen[1].as_str()), ("one", "two"));
+        assert_eq!(seen[2].len(), WATCH_LINE_MAX);
+        let mut out = String::new();
+        File::open(&dir).unwrap().read_to_string(&mut out).unwrap();
+        assert_eq!(out, format!("one\r\ntwo\n{long}\npartial"));
+        let _ = std::fs::remove_file(&dir);
+    }
 
     #[test]
     fn bytes_written_reach_the_file_and_lsr_says_ready() {

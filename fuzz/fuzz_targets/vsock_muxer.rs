@@ -251,6 +251,7 @@ fn options(data: &[u8]) -> VsockOptions {
     let mut o = VsockOptions::default();
     if last & 0x80 != 0 {
         o.connect_timeout = Duration::ZERO;
+        o.boot_connect_timeout = Duration::ZERO;
     }
     if last & 0x40 != 0 {
         o.close_timeout = Duration::ZERO;

@@ -148,6 +148,11 @@ pub trait Hypervisor: Send + Sync {
     fn cpuid_enforced(&self) -> bool {
         true
     }
+    /// Whether a guest's 64-bit `syscall` fails to reach ring 0 (PVM), so a guest kernel needs
+    /// the guest kit's fix-up to run user space.
+    fn syscall_needs_fixup(&self) -> bool {
+        false
+    }
 }
 
 /// Where an ioeventfd listens.

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod linux;
 pub mod testguest;
 
 /// Where guests are loaded; the boot protocols require at least 1 MiB.
@@ -244,10 +245,17 @@ pub fn run_podvmm(args: &[&str], timeout_s: u32) -> Output {
         .expect("run podvmm")
 }
 
-/// The command line a guest receives for `cmdline`: on hosts that do not enforce CPUID
-/// filtering (PVM), podvmm appends the `clearcpuid=` workaround.
+/// The command line a guest receives for `cmdline`: on PVM hosts podvmm appends the
+/// `clearcpuid=` workaround and `pvm_syscall_fixup`.
 pub fn guest_cmdline(cmdline: &str) -> String {
-    boot::cpuid::guest_cmdline(cmdline, !hypervisor::kvm::is_pvm())
+    let pvm = hypervisor::kvm::is_pvm();
+    boot::cpuid::guest_cmdline(
+        cmdline,
+        boot::cpuid::HostQuirks {
+            cpuid_not_enforced: pvm,
+            syscall_fixup: pvm,
+        },
+    )
 }
 
 pub fn path_str(p: &Path) -> &str {

@@ -576,7 +576,7 @@ fn check_vsock(v: &VsockConfig) -> Result<(), ApiError> {
     if v.socket.as_os_str().is_empty() {
         return Err(bad("vsock socket path is empty"));
     }
-    Ok(())
+    v.validate().map_err(bad)
 }
 
 fn check_unique_id(config: &VmConfig, id: Option<&str>) -> Result<(), ApiError> {
@@ -804,6 +804,7 @@ mod tests {
                     cid,
                     socket: "/tmp/v.sock".into(),
                     id: None,
+                    connect_timeout: None,
                 },
                 fds: vec![],
                 ignored: BTreeSet::new(),

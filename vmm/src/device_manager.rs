@@ -147,7 +147,13 @@ impl DeviceManager {
         let (device, handle) = Vsock::new(VsockDeviceConfig {
             cid,
             socket: cfg.socket.clone(),
-            options: VsockOptions::default(),
+            options: VsockOptions {
+                boot_connect_timeout: cfg
+                    .connect_timeout
+                    .map(std::time::Duration::from_secs)
+                    .unwrap_or(devices::virtio::vsock::DEFAULT_BOOT_CONNECT_TIMEOUT),
+                ..VsockOptions::default()
+            },
             events: Some(events),
         })
         .map_err(DeviceError::from)?;

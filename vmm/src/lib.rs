@@ -10,6 +10,7 @@ pub mod control;
 pub mod device_manager;
 mod emulation;
 pub mod event_monitor;
+mod guest_watch;
 mod memory;
 mod vcpu;
 mod vm;

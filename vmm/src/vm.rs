@@ -191,7 +191,25 @@ impl Vm {
         };
         let serial_irq = event("creating the serial interrupt event")?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, output)));
+        let serial = if hv.syscall_needs_fixup() {
+            // Without the kit's fix-up, init dies at its first system call: say why, once.
+            let mut said = false;
+            let watch = Box::new(move |line: &[u8]| {
+                if !said && crate::guest_watch::is_syscall_entry_fault(line) {
+                    said = true;
+                    eprintln!("podvmm: {}", crate::guest_watch::SYSCALL_FIXUP_MISSING);
+                    crate::event_monitor::emit(
+                        "guest",
+                        "guest_syscall_unsupported",
+                        serde_json::json!({"line": String::from_utf8_lossy(line)}),
+                    );
+                }
+            });
+            Serial::watched(serial_irq, output, watch)
+        } else {
+            Serial::new(serial_irq, output)
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let reset_evt = exit.evt.try_clone().map_err(|source| Error::Io {
             what: "cloning the exit event",
             source,
@@ -215,7 +233,12 @@ impl Vm {
             extra if extra.is_empty() => config.cmdline().to_string(),
             extra => format!("{} {extra}", config.cmdline()),
         };
-        let cmdline = boot::cpuid::guest_cmdline(&cmdline, hv.cpuid_enforced());
+        let quirks = boot::cpuid::HostQuirks {
+            cpuid_not_enforced: !hv.cpuid_enforced(),
+            syscall_fixup: hv.syscall_needs_fixup(),
+        };
+        let added = boot::cpuid::added_params(&cmdline, quirks);
+        let cmdline = boot::cpuid::guest_cmdline(&cmdline, quirks);
         let boot = boot::load_kernel(
             &mem,
             &KernelSpec {
@@ -233,12 +256,15 @@ impl Vm {
             boot::setup_vcpu(vcpu.as_ref(), num_cpus, &host_cpuid, &boot)?;
             vcpus.push(vcpu);
         }
-        if !hv.cpuid_enforced() && !config.cmdline().contains("clearcpuid=") {
-            eprintln!(
-                "podvmm: note: this host's {} does not enforce CPUID filtering; added {} to the guest command line",
+        static SAID: std::sync::Once = std::sync::Once::new();
+        if !added.is_empty() {
+            SAID.call_once(|| {
+                eprintln!(
+                "podvmm: note: this host's {} is software virtualization (PVM); added {} to the guest command line",
                 hv.kind(),
-                boot::cpuid::clearcpuid_param()
-            );
+                added.join(" ")
+            )
+            });
         }
         crate::event_monitor::emit(
             "vmm",

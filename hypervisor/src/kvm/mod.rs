@@ -96,6 +96,10 @@ impl Hypervisor for KvmHypervisor {
     fn cpuid_enforced(&self) -> bool {
         !is_pvm()
     }
+
+    fn syscall_needs_fixup(&self) -> bool {
+        is_pvm()
+    }
 }
 
 /// Whether this KVM is PVM, the software virtualization used where hardware support is

@@ -3,8 +3,10 @@
 //! - Host to guest: a host program connects to the device's Unix socket `PATH`, writes
 //!   `CONNECT <port>\n`, and once the guest accepted reads `OK <host_port>\n`; then bytes flow
 //!   both ways. A CONNECT that arrives before anything listens on the guest port (the guest
-//!   answers RST) is retried until [`VsockOptions::connect_timeout`]; the agent's ready signal
-//!   retries every waiting CONNECT at once. Errors are reported as one `ERR <reason>\n` line
+//!   answers RST) is retried: until [`VsockOptions::boot_connect_timeout`] while the agent has
+//!   not announced itself (the guest is booting), then for [`VsockOptions::connect_timeout`]; the
+//!   agent's ready signal retries every waiting CONNECT at once. A CONNECT still waiting when the
+//!   guest stops is told so. Errors are reported as one `ERR <reason>\n` line
 //!   before the stream is closed (no line of ours ever contains `OK` otherwise).
 //! - Guest to host: a guest connection to host port `N` is forwarded to the Unix socket
 //!   `PATH_N`, which a host program listens on.
@@ -42,6 +44,9 @@ use super::{
 pub const AGENT_PORT: u32 = 1024;
 /// The host port the agent connects to once it listens: the ready signal.
 pub const AGENT_READY_PORT: u32 = 1023;
+/// Default of [`VsockOptions::boot_connect_timeout`]: a Linux boot under software KVM takes
+/// minutes.
+pub const DEFAULT_BOOT_CONNECT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Queue size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
 
@@ -77,8 +82,13 @@ pub type EventSink = Arc<dyn Fn(VsockEvent) + Send + Sync>;
 /// Tunables; [`VsockOptions::default`] is what the VMM uses.
 #[derive(Clone, Debug)]
 pub struct VsockOptions {
-    /// How long a host CONNECT waits for the guest to accept (retrying while it refuses).
+    /// How long a host CONNECT waits for the guest to accept (retrying while it refuses) once
+    /// the agent has announced itself.
     pub connect_timeout: Duration,
+    /// How long a host CONNECT waits while the agent has not announced itself yet (the guest is
+    /// still booting: minutes under software KVM). A shim dials right after `vm.boot`; it is
+    /// held until the guest accepts, the guest stops, or this bound passes.
+    pub boot_connect_timeout: Duration,
     /// How long a host client may take to send its CONNECT line.
     pub line_timeout: Duration,
     /// After both sides shut a connection down, how long to wait for the guest's RST.
@@ -96,6 +106,7 @@ impl Default for VsockOptions {
     fn default() -> Self {
         VsockOptions {
             connect_timeout: Duration::from_secs(30),
+            boot_connect_timeout: DEFAULT_BOOT_CONNECT_TIMEOUT,
             line_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(2),
             buf_alloc: 256 * 1024,

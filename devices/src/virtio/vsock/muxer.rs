@@ -338,6 +338,22 @@ fn tell(stream: &UnixStream, msg: &str) {
     let _ = send_nosig(stream, format!("ERR {msg}\n").as_bytes());
 }
 
+/// Why a CONNECT the guest kept refusing failed.
+fn refused_why(port: u32, agent_ready: bool, opts: &VsockOptions) -> String {
+    if agent_ready {
+        format!(
+            "guest port {port} refused the connection (nothing listened within {} ms)",
+            opts.connect_timeout.as_millis()
+        )
+    } else {
+        format!(
+            "guest port {port} refused the connection: nothing listened and the guest agent did \
+             not announce itself within {} ms of boot",
+            opts.boot_connect_timeout.as_millis()
+        )
+    }
+}
+
 impl Muxer {
     pub(super) fn new(
         cid: u64,
@@ -438,6 +454,18 @@ impl Muxer {
         }
     }
 
+    /// The VM is going away: every host CONNECT still waiting learns why it will not be answered.
+    fn guest_stopped(&mut self) {
+        for (key, c) in &self.conns {
+            if matches!(c.state, State::Connecting { .. }) {
+                tell(
+                    &c.stream,
+                    &format!("the guest stopped before port {} accepted", key.peer),
+                );
+            }
+        }
+    }
+
     /// Handles control messages; false means stop.
     fn control(&mut self) -> bool {
         while let Ok(msg) = self.ctl.try_recv() {
@@ -447,7 +475,10 @@ impl Muxer {
                     self.reset();
                     let _ = ack.send(());
                 }
-                Control::Stop => return false,
+                Control::Stop => {
+                    self.guest_stopped();
+                    return false;
+                }
             }
         }
         true
@@ -662,7 +693,7 @@ impl Muxer {
         };
         let key = Key { local, peer: port };
         let mut conn = Conn::new(p.stream, token, true, State::Connecting { sent: false });
-        conn.deadline = Some(Instant::now() + self.opts.connect_timeout);
+        conn.deadline = Some(Instant::now() + self.connect_wait());
         conn.registered = true;
         conn.interest = EventSet::IN;
         self.local_ports.insert(local);
@@ -1010,14 +1041,12 @@ impl Muxer {
                             .counters
                             .connect_timeouts
                             .fetch_add(1, Ordering::Relaxed);
-                        tell(
-                            &c.stream,
-                            &format!(
-                                "guest port {} refused the connection (nothing listened within {} ms)",
-                                key.peer,
-                                self.opts.connect_timeout.as_millis()
-                            ),
+                        let why = refused_why(
+                            key.peer,
+                            self.shared.agent_ready.get().is_some(),
+                            &self.opts,
                         );
+                        tell(&c.stream, &why);
                         self.kill(key, false);
                     } else {
                         c.state = State::Connecting { sent: false };
@@ -1159,9 +1188,29 @@ impl Muxer {
         self.want_rx(key);
     }
 
+    /// How long a new host CONNECT may wait for the guest: long while the guest boots (no agent
+    /// announcement yet), short once the agent is up.
+    fn connect_wait(&self) -> Duration {
+        if self.shared.agent_ready.get().is_some() {
+            self.opts.connect_timeout
+        } else {
+            self.opts.boot_connect_timeout
+        }
+    }
+
     fn agent_ready(&mut self) {
-        let first = self.shared.agent_ready.set(Instant::now()).is_ok();
+        let now = Instant::now();
+        let first = self.shared.agent_ready.set(now).is_ok();
         self.shared.emit(VsockEvent::AgentReady { first });
+        if first {
+            // The guest is up: a port that keeps refusing from now on fails in connect_timeout.
+            let bound = now + self.opts.connect_timeout;
+            for c in self.conns.values_mut() {
+                if matches!(c.state, State::Connecting { .. }) {
+                    c.deadline = Some(c.deadline.map_or(bound, |d| d.min(bound)));
+                }
+            }
+        }
         // Every CONNECT waiting for a retry goes now.
         let waiting: Vec<Key> = self
             .conns
@@ -1425,13 +1474,16 @@ impl Muxer {
             };
             match c.state {
                 State::Connecting { sent } => {
-                    let ms = self.opts.connect_timeout.as_millis();
+                    let ready = self.shared.agent_ready.get().is_some();
                     let why = if c.refusal_reported {
-                        format!(
-                            "guest port {} refused the connection (nothing listened within {ms} ms)",
-                            key.peer
-                        )
+                        refused_why(key.peer, ready, &self.opts)
                     } else {
+                        let ms = if ready {
+                            self.opts.connect_timeout
+                        } else {
+                            self.opts.boot_connect_timeout
+                        }
+                        .as_millis();
                         format!(
                             "timed out after {ms} ms waiting for guest port {} to accept",
                             key.peer

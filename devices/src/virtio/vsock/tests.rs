@@ -553,19 +553,10 @@ fn refused_connect_is_retried_and_the_ready_signal_hurries_it() {
     );
 }
 
-#[test]
-fn connect_gives_up_after_its_timeout() {
-    let mut g = Guest::new(
-        "timeout",
-        VsockOptions {
-            connect_timeout: Duration::from_millis(300),
-            ..fast_options()
-        },
-    );
-    let mut s = g.host();
-    s.write_all(b"CONNECT 1024\n").unwrap();
+/// Answers every REQUEST with RST until the host stream has a line to read, and returns it.
+fn refuse_until_answered(g: &mut Guest, s: &mut UnixStream) -> String {
     let deadline = Instant::now() + WAIT;
-    let line = loop {
+    loop {
         if let Some(i) = g.inbox.iter().position(|(h, _)| h.op() == Op::Request) {
             let (req, _) = g.inbox.remove(i).unwrap();
             g.send(g.hdr(1024, req.src_port, Op::Rst), &[]);
@@ -576,17 +567,107 @@ fn connect_gives_up_after_its_timeout() {
         let peeked = s.peek_nonblocking(&mut b);
         s.set_nonblocking(false).unwrap();
         if peeked {
-            break read_line(&mut s);
+            break read_line(s);
         }
         assert!(Instant::now() < deadline, "no error line");
         std::thread::sleep(Duration::from_millis(2));
-    };
+    }
+}
+
+#[test]
+fn connect_gives_up_after_its_timeout() {
+    let mut g = Guest::new(
+        "timeout",
+        VsockOptions {
+            connect_timeout: Duration::from_millis(300),
+            boot_connect_timeout: Duration::from_millis(300),
+            ..fast_options()
+        },
+    );
+    let mut s = g.host();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    let line = refuse_until_answered(&mut g, &mut s);
     assert!(line.starts_with("ERR "), "{line}");
+    assert!(line.contains("did not announce itself"), "{line}");
     assert!(!line.contains("OK"), "{line}");
     assert!(line.contains("1024"), "{line}");
     assert!(at_eof(&mut s));
     assert_eq!(g.counter(|c| &c.connect_timeouts), 1);
     assert!(g.counter(|c| &c.connect_retries) >= 1);
+}
+
+#[test]
+fn a_booting_guest_holds_the_connect_past_connect_timeout() {
+    // A shim dials right after vm.boot; the guest refuses while it boots. Without the agent's
+    // announcement the short timeout does not apply: the CONNECT is still held after it.
+    let mut g = Guest::new(
+        "boot-wait",
+        VsockOptions {
+            connect_timeout: Duration::from_millis(200),
+            boot_connect_timeout: Duration::from_secs(60),
+            ..fast_options()
+        },
+    );
+    let mut s = g.host();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    let start = Instant::now();
+    let mut port = 0;
+    while start.elapsed() < Duration::from_millis(800) {
+        g.poll();
+        if let Some(i) = g.inbox.iter().position(|(h, _)| h.op() == Op::Request) {
+            let (req, _) = g.inbox.remove(i).unwrap();
+            port = req.src_port;
+            g.send(g.hdr(1024, port, Op::Rst), &[]);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        g.counter(|c| &c.connect_timeouts),
+        0,
+        "gave up while booting"
+    );
+    // The agent announces itself, the retry is accepted.
+    g.send(g.hdr(50000, AGENT_READY_PORT, Op::Request), &[]);
+    let (req, _) = g.expect("REQUEST", |h| h.op() == Op::Request && h.dst_port == 1024);
+    g.send(g.hdr(1024, req.src_port, Op::Response), &[]);
+    assert_eq!(read_line(&mut s), format!("OK {port}"));
+}
+
+#[test]
+fn after_the_agent_is_up_a_refused_connect_fails_in_connect_timeout() {
+    let mut g = Guest::new(
+        "after-ready",
+        VsockOptions {
+            connect_timeout: Duration::from_millis(300),
+            boot_connect_timeout: Duration::from_secs(60),
+            ..fast_options()
+        },
+    );
+    g.send(g.hdr(50000, AGENT_READY_PORT, Op::Request), &[]);
+    g.expect("RST for the ready signal", |h| h.op() == Op::Rst);
+    let mut s = g.host();
+    s.write_all(b"CONNECT 77\n").unwrap();
+    let t = Instant::now();
+    let line = refuse_until_answered(&mut g, &mut s);
+    assert!(
+        line.starts_with("ERR ") && line.contains("port 77"),
+        "{line}"
+    );
+    assert!(line.contains("300 ms"), "{line}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_connect_still_waiting_when_the_guest_stops_is_told() {
+    let mut g = Guest::new("stopped", fast_options());
+    let mut s = g.host();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    g.expect("REQUEST", |h| h.op() == Op::Request);
+    // The device goes away with the VM (its worker stops).
+    drop(g);
+    let line = read_line(&mut s);
+    assert_eq!(line, "ERR the guest stopped before port 1024 accepted");
+    assert!(at_eof(&mut s));
 }
 
 trait PeekExt {

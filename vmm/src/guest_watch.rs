@@ -1,0 +1,52 @@
+//! Known guest failures recognised on the console, so the operator gets one line that says what
+//! is wrong instead of a bare kernel panic.
+
+/// The one-line explanation for [`is_syscall_entry_fault`].
+pub const SYSCALL_FIXUP_MISSING: &str = "the guest's user space died at its first system call (a \
+segfault at the kernel's syscall entry): this host's KVM is PVM, where a 64-bit syscall does not \
+reach the guest kernel; the guest kernel needs the guest kit's syscall fix-up \
+(resources/kernel-patches/, enabled by the pvm_syscall_fixup parameter podvmm passes), which this \
+kernel does not have";
+
+/// Whether a console line is a user task's segfault on the kernel's syscall entry: the fault
+/// address equals the instruction pointer and lies in the kernel's half of the address space.
+/// That is what a 64-bit `syscall` does under PVM without the fix-up (e.g.
+/// `init[1]: segfault at ffffffff81600040 ip ffffffff81600040 sp 00007ffd... error 15`).
+pub fn is_syscall_entry_fault(line: &[u8]) -> bool {
+    let Ok(line) = std::str::from_utf8(line) else {
+        return false;
+    };
+    let Some(rest) = line.split("segfault at ").nth(1) else {
+        return false;
+    };
+    let mut words = rest.split_whitespace();
+    let (Some(at), Some("ip"), Some(ip)) = (words.next(), words.next(), words.next()) else {
+        return false;
+    };
+    match (u64::from_str_radix(at, 16), u64::from_str_radix(ip, 16)) {
+        (Ok(at), Ok(ip)) => at == ip && at >= 0xffff_8000_0000_0000,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_the_pvm_syscall_fault_only() {
+        let real = b"[   41.2] init[1]: segfault at ffffffff81600040 ip ffffffff81600040 sp 00007ffd1e0 error 15";
+        assert!(is_syscall_entry_fault(real));
+        // An ordinary user segfault, a kernel address read from user code, garbage.
+        for other in [
+            &b"sh[70]: segfault at 0 ip 0000000000401000 sp 00007ffd error 4"[..],
+            b"a[2]: segfault at ffffffff81000000 ip 0000000000401000 sp 0 error 5",
+            b"a[2]: segfault at 401000 ip 401000 sp 0 error 14",
+            b"segfault at ffffffff81600040",
+            b"segfault at zz ip zz",
+            b"\xff\xfe segfault",
+        ] {
+            assert!(!is_syscall_entry_fault(other), "{other:?}");
+        }
+    }
+}
