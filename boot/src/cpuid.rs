@@ -69,8 +69,8 @@ pub fn clearcpuid_param() -> String {
 }
 
 /// The kernel parameter of the guest kit's PVM patch (`resources/kernel-patches/`): the guest
-/// kernel completes a 64-bit `syscall` that PVM left in user mode. Unknown to other kernels,
-/// which pass it on to init as an argument.
+/// kernel completes a 64-bit `syscall` that PVM left in user mode (`=off` keeps it off). Unknown
+/// to other kernels, which pass it on to init as an argument.
 pub const SYSCALL_FIXUP_PARAM: &str = "pvm_syscall_fixup";
 
 /// What a guest needs on its command line because of the hypervisor it runs on.
@@ -89,7 +89,12 @@ pub fn added_params(cmdline: &str, quirks: HostQuirks) -> Vec<String> {
     if quirks.cpuid_not_enforced && !cmdline.contains("clearcpuid=") {
         added.push(clearcpuid_param());
     }
-    if quirks.syscall_fixup && !cmdline.split_whitespace().any(|w| w == SYSCALL_FIXUP_PARAM) {
+    let given = |w: &str| {
+        w == SYSCALL_FIXUP_PARAM
+            || w.strip_prefix(SYSCALL_FIXUP_PARAM)
+                .is_some_and(|v| v.starts_with('='))
+    };
+    if quirks.syscall_fixup && !cmdline.split_whitespace().any(given) {
         added.push(SYSCALL_FIXUP_PARAM.to_string());
     }
     added
@@ -280,7 +285,11 @@ mod tests {
             guest_cmdline("", pvm),
             format!("{} pvm_syscall_fixup", clearcpuid_param())
         );
-        // Given by the user: not twice; a longer word is not the parameter.
+        // Given by the user (or turned off with =off): not twice; a longer word is not it.
+        assert_eq!(
+            added_params("pvm_syscall_fixup=off", pvm),
+            vec![clearcpuid_param()]
+        );
         assert_eq!(
             added_params("a pvm_syscall_fixup b", pvm),
             vec![clearcpuid_param()]

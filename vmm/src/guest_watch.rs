@@ -1,5 +1,44 @@
-//! Known guest failures recognised on the console, so the operator gets one line that says what
-//! is wrong instead of a bare kernel panic.
+//! What podvmm reads on the guest's console: the moment the kernel starts init (an
+//! `init_started` event, for the boot timeline), and known guest failures, so the operator gets
+//! one line that says what is wrong instead of a bare kernel panic. The console is the guest's:
+//! a guest can print these lines itself, so they feed reports, never decisions.
+
+use devices::serial::LineWatch;
+
+/// The console watcher of a VM; `pvm` enables the PVM syscall check.
+pub fn console_watch(pvm: bool) -> LineWatch {
+    let mut said_fixup = false;
+    let mut said_init = false;
+    Box::new(move |line: &[u8]| {
+        if !said_init {
+            if let Some(init) = init_started(line) {
+                said_init = true;
+                crate::event_monitor::emit(
+                    "guest",
+                    "init_started",
+                    serde_json::json!({ "init": init }),
+                );
+            }
+        }
+        if pvm && !said_fixup && is_syscall_entry_fault(line) {
+            said_fixup = true;
+            eprintln!("podvmm: {SYSCALL_FIXUP_MISSING}");
+            crate::event_monitor::emit(
+                "guest",
+                "guest_syscall_unsupported",
+                serde_json::json!({ "line": String::from_utf8_lossy(line) }),
+            );
+        }
+    })
+}
+
+/// The program of the kernel's `Run /init as init process` line (not printed with `quiet`).
+pub fn init_started(line: &[u8]) -> Option<String> {
+    let line = std::str::from_utf8(line).ok()?;
+    let rest = line.split("Run ").nth(1)?;
+    let init = rest.strip_suffix(" as init process")?;
+    (!init.is_empty() && !init.contains(' ')).then(|| init.to_string())
+}
 
 /// The one-line explanation for [`is_syscall_entry_fault`].
 pub const SYSCALL_FIXUP_MISSING: &str = "the guest's user space died at its first system call (a \
@@ -32,6 +71,21 @@ pub fn is_syscall_entry_fault(line: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recognises_the_start_of_init() {
+        assert_eq!(
+            init_started(b"[    2.1] Run /init as init process").as_deref(),
+            Some("/init")
+        );
+        assert_eq!(
+            init_started(b"Run /sbin/podvmm-agent as init process").as_deref(),
+            Some("/sbin/podvmm-agent")
+        );
+        for other in [&b"Run /init"[..], b"Run  as init process", b"nothing"] {
+            assert_eq!(init_started(other), None, "{other:?}");
+        }
+    }
 
     #[test]
     fn recognises_the_pvm_syscall_fault_only() {

@@ -191,24 +191,11 @@ impl Vm {
         };
         let serial_irq = event("creating the serial interrupt event")?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
-        let serial = if hv.syscall_needs_fixup() {
-            // Without the kit's fix-up, init dies at its first system call: say why, once.
-            let mut said = false;
-            let watch = Box::new(move |line: &[u8]| {
-                if !said && crate::guest_watch::is_syscall_entry_fault(line) {
-                    said = true;
-                    eprintln!("podvmm: {}", crate::guest_watch::SYSCALL_FIXUP_MISSING);
-                    crate::event_monitor::emit(
-                        "guest",
-                        "guest_syscall_unsupported",
-                        serde_json::json!({"line": String::from_utf8_lossy(line)}),
-                    );
-                }
-            });
-            Serial::watched(serial_irq, output, watch)
-        } else {
-            Serial::new(serial_irq, output)
-        };
+        let serial = Serial::watched(
+            serial_irq,
+            output,
+            crate::guest_watch::console_watch(hv.syscall_needs_fixup()),
+        );
         let serial = Arc::new(Mutex::new(serial));
         let reset_evt = exit.evt.try_clone().map_err(|source| Error::Io {
             what: "cloning the exit event",
