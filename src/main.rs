@@ -1,6 +1,7 @@
 //! `podvmm`: boots a guest kernel directly on KVM (or MSHV), Cloud Hypervisor style options.
 
 mod agent_cmd;
+mod logger;
 mod remote;
 mod serve;
 
@@ -79,6 +80,12 @@ struct Cli {
     /// (the kernel logs it and lets it run) or false (docs/security.md).
     #[arg(long, value_name = "true|false|log", default_value = "true")]
     seccomp: seccomp::Mode,
+    /// More log output: warnings by default, -v info, -vv debug, -vvv trace.
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Append log records to this file instead of stderr.
+    #[arg(long = "log-file", value_name = "PATH")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,6 +134,13 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Agent(args)) = &cli.command {
         return agent_cmd::run(args);
+    }
+    if let Err(e) = logger::init(cli.verbose, cli.log_file.as_deref()) {
+        eprintln!(
+            "podvmm: error: --log-file {}: {e}",
+            cli.log_file.as_deref().unwrap_or(Path::new("")).display()
+        );
+        return ExitCode::FAILURE;
     }
     if let Some(path) = &cli.event_monitor {
         if let Err(e) = vmm::event_monitor::start(path) {

@@ -48,7 +48,7 @@ fn socket() -> &'static SocketAddr {
                 max_head_bytes: 2048,
                 max_body_bytes: 8192,
                 request_timeout: Duration::from_secs(5),
-                idle_timeout: Duration::from_secs(5),
+                first_request_timeout: Duration::from_secs(5),
                 write_timeout: Duration::from_secs(5),
                 ..Limits::default()
             };

@@ -44,8 +44,8 @@ pub fn init_started(line: &[u8]) -> Option<String> {
 pub const SYSCALL_FIXUP_MISSING: &str = "the guest's user space died at its first system call (a \
 segfault at the kernel's syscall entry): this host's KVM is PVM, where a 64-bit syscall does not \
 reach the guest kernel; the guest kernel needs the guest kit's syscall fix-up \
-(resources/kernel-patches/, enabled by the pvm_syscall_fixup parameter podvmm passes), which this \
-kernel does not have";
+(resources/kernel-patches/, turned on by the pvm_syscall_fixup parameter podvmm passes), and this \
+kernel lacks it or has it turned off";
 
 /// Whether a console line is a user task's segfault on the kernel's syscall entry: the fault
 /// address equals the instruction pointer and lies in the kernel's half of the address space.

@@ -4,7 +4,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::Limits;
 
@@ -26,7 +26,7 @@ pub(crate) struct Request {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum RequestError {
-    /// The client closed the connection, or left it idle too long, between requests.
+    /// The client closed the connection (or was made room for), or never began a request.
     #[error("connection closed")]
     Closed,
     /// The client went away in the middle of a request: nobody to answer.
@@ -99,12 +99,21 @@ impl Connection {
         })
     }
 
-    /// Reads the next request. Between requests the client may stay idle up to
-    /// `idle_timeout`; once its first byte arrived the whole request must arrive within
-    /// `request_timeout`, however slowly it trickles.
-    pub fn read_request(&mut self) -> Result<Request, RequestError> {
+    /// Reads the next request. Before its first byte the client may stay idle for `idle`
+    /// (None: as long as it likes); `on_start` is called when that byte is there. Once it has
+    /// arrived, the whole request must arrive within `request_timeout`, however slowly it
+    /// trickles.
+    pub fn read_request(
+        &mut self,
+        idle: Option<Duration>,
+        on_start: &mut dyn FnMut(),
+    ) -> Result<Request, RequestError> {
         let limits = self.limits;
         let mut started = (!self.buf.is_empty()).then(Instant::now);
+        if started.is_some() {
+            on_start();
+        }
+        let idle_deadline = idle.map(|d| Instant::now() + d);
         let head = loop {
             if !self.buf.is_empty() {
                 if let Some(head) = self.parse_head()? {
@@ -112,8 +121,8 @@ impl Connection {
                 }
             }
             let deadline = match started {
-                Some(t) => t + limits.request_timeout,
-                None => Instant::now() + limits.idle_timeout,
+                Some(t) => Some(t + limits.request_timeout),
+                None => idle_deadline,
             };
             match self.fill(deadline)? {
                 Fill::Eof | Fill::TimedOut if started.is_none() => {
@@ -124,7 +133,10 @@ impl Connection {
                     return Err(RequestError::Timeout(limits.request_timeout.as_secs()))
                 }
                 Fill::Data => {
-                    started.get_or_insert_with(Instant::now);
+                    if started.is_none() {
+                        started = Some(Instant::now());
+                        on_start();
+                    }
                 }
             }
         };
@@ -138,10 +150,10 @@ impl Connection {
         // Bounded by max_body_bytes just above.
         let total = head.len + head.content_length as usize;
         if head.expect_continue && self.buf.len() < total {
-            self.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            self.write_all(b"HTTP/1.1 100 \r\n\r\n")?;
         }
         while self.buf.len() < total {
-            match self.fill(started + limits.request_timeout)? {
+            match self.fill(Some(started + limits.request_timeout))? {
                 Fill::Eof => return Err(RequestError::Disconnected),
                 Fill::TimedOut => {
                     return Err(RequestError::Timeout(limits.request_timeout.as_secs()))
@@ -223,20 +235,26 @@ impl Connection {
         }))
     }
 
-    /// Waits until `deadline` for bytes, then receives them and any descriptors with them.
-    fn fill(&mut self, deadline: Instant) -> Result<Fill, RequestError> {
+    /// Waits until `deadline` (None: for ever) for bytes, then receives them and any
+    /// descriptors with them.
+    fn fill(&mut self, deadline: Option<Instant>) -> Result<Fill, RequestError> {
         let fd = self.stream.as_raw_fd();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(Fill::TimedOut);
-            }
+            let ms = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(Fill::TimedOut);
+                    }
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+                None => -1,
+            };
             let mut pfd = libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
             };
-            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
             // SAFETY: one valid pollfd, for the length given.
             let n = unsafe { libc::poll(&mut pfd, 1, ms) };
             if n < 0 {

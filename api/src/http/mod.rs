@@ -1,19 +1,23 @@
 //! The REST API's HTTP/1.1 server on a Unix socket (Cloud Hypervisor's paths under `/api/v1`).
 //!
-//! Threads: each connection gets its own thread (up to
-//! [`Limits::max_connections`]; past that a client gets a 503 and is closed). Threads are
-//! reused: they wait in `accept` themselves, and one that finished with a connection goes
-//! back to waiting (a few are kept). A request's
-//! thread blocks while the VMM thread works on it (a boot can take tens of milliseconds), so a
-//! thread per connection keeps one client's slow request, or a stalled or hostile client, from
-//! delaying anyone else, with little code. Every wait is bounded: a client has
-//! [`Limits::request_timeout`] to send a whole request once it has started one, may stay idle
-//! between requests for [`Limits::idle_timeout`], and must take its response within
+//! Threads: each connection gets its own thread, up to [`Limits::max_connections`]; a new
+//! client at that limit makes room by closing the connection that matters least (one that never
+//! began a request, then one stuck sending one, then the longest idle: see `registry.rs`), so a
+//! shim's call always gets in, and is refused (503) only when every connection has a request
+//! with the VMM. Threads are reused: they wait in `accept` themselves, and one that finished
+//! with a connection goes back to waiting (a few are kept). A request's thread blocks while the
+//! VMM thread works on it (a boot can take tens of milliseconds), so a thread per connection
+//! keeps one client's slow request, or a stalled or hostile client, from delaying anyone else,
+//! with little code. A new connection must begin its first request within
+//! [`Limits::first_request_timeout`]; once served, a kept connection may stay idle as long as
+//! its client likes (Kata's Rust runtime keeps one for the pod's life). A request, once begun,
+//! must arrive within [`Limits::request_timeout`], and its answer be taken within
 //! [`Limits::write_timeout`]; heads and bodies have size limits. Requests are parsed with
 //! `httparse`; descriptors passed with SCM_RIGHTS (TAP devices for `vm.add-net`) are received
 //! with `recvmsg` and travel with the request that brought them.
 
 mod conn;
+mod registry;
 mod routes;
 
 use std::ffi::OsStr;
@@ -46,8 +50,9 @@ pub struct Limits {
     pub max_fds: usize,
     /// From a request's first byte to its last.
     pub request_timeout: Duration,
-    /// Between requests on a kept-alive connection.
-    pub idle_timeout: Duration,
+    /// From accepting a connection to the first byte of its first request. (Between requests
+    /// a kept connection may stay idle for ever: connections are bounded by count instead.)
+    pub first_request_timeout: Duration,
     /// For the client to take a response.
     pub write_timeout: Duration,
 }
@@ -60,7 +65,7 @@ impl Default for Limits {
             max_body_bytes: 256 << 10,
             max_fds: 16,
             request_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(120),
+            first_request_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
         }
     }
@@ -163,7 +168,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, HttpError> {
 struct Shared {
     handler: Arc<dyn ApiHandler>,
     limits: Limits,
-    connections: AtomicUsize,
+    connections: registry::Registry,
     /// Requests read and not yet answered.
     in_flight: Mutex<usize>,
     answered: Condvar,
@@ -210,7 +215,7 @@ impl ApiServer {
         let shared = Arc::new(Shared {
             handler,
             limits,
-            connections: AtomicUsize::new(0),
+            connections: registry::Registry::new(limits.max_connections),
             in_flight: Mutex::new(0),
             answered: Condvar::new(),
             listener,
@@ -303,27 +308,14 @@ fn worker(shared: &Arc<Shared>) {
             // thread comes back to accept once done.
             let _ = spawn_worker(shared);
         }
-        let n = shared.connections.fetch_add(1, Ordering::AcqRel);
-        if n >= shared.limits.max_connections {
-            shared.connections.fetch_sub(1, Ordering::AcqRel);
-            refuse(stream);
-        } else {
-            let _slot = Slot(&shared.connections);
-            serve_connection(stream, shared);
+        match shared.connections.admit(&stream) {
+            Some(ticket) => serve_connection(stream, shared, &ticket),
+            None => refuse(stream),
         }
         if shared.accepting.load(Ordering::Acquire) >= MAX_IDLE_THREADS {
             return;
         }
         shared.accepting.fetch_add(1, Ordering::AcqRel);
-    }
-}
-
-/// Frees a connection slot when its thread ends, even by panic.
-struct Slot<'a>(&'a AtomicUsize);
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -344,22 +336,23 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Too many connections: say so without reading anything, and close.
+/// Every connection has a request with the VMM: say so without reading anything, and close.
 fn refuse(mut stream: UnixStream) {
     let _ = stream.set_nonblocking(true);
     let _ = stream.write_all(&routes::error_response(
         503,
-        "too many API connections; try again",
+        "too many API requests in progress; try again",
         false,
     ));
 }
 
-fn serve_connection(stream: UnixStream, shared: &Shared) {
+fn serve_connection(stream: UnixStream, shared: &Shared, ticket: &registry::Ticket) {
     let Ok(mut conn) = conn::Connection::new(stream, shared.limits) else {
         return;
     };
+    let mut idle = Some(shared.limits.first_request_timeout);
     loop {
-        let request = match conn.read_request() {
+        let request = match conn.read_request(idle, &mut || ticket.set(registry::Phase::Reading)) {
             Ok(r) => r,
             Err(e) => {
                 if let Some(status) = e.status() {
@@ -368,11 +361,14 @@ fn serve_connection(stream: UnixStream, shared: &Shared) {
                 return;
             }
         };
+        ticket.set(registry::Phase::Handling);
         let _in_flight = InFlight::new(shared);
         let (response, keep_alive) = routes::respond(request, shared.handler.as_ref());
         if conn.write_all(&response).is_err() || !keep_alive {
             return;
         }
+        ticket.set(registry::Phase::Idle);
+        idle = None;
     }
 }
 

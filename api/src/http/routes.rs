@@ -67,33 +67,19 @@ const NOT_PROVIDED: &[&str] = &[
     "vm.receive-migration",
 ];
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "Unknown",
-    }
-}
-
+/// An answer as Cloud Hypervisor's clients read it. The status line has no reason phrase
+/// (`HTTP/1.1 200 `, as Cloud Hypervisor's server writes it; RFC 9112 allows an empty one):
+/// Cloud Hypervisor's `api_client` (ch-remote, Kata's Rust runtime) takes everything after the
+/// version up to CR as the number. Header names are in the case that client looks for
+/// (`Content-Length: `), and bodies are ASCII (non-ASCII escaped as `\uXXXX`), since it decodes
+/// each 256-byte read as UTF-8 on its own and would fail on a character cut in two.
 fn response(status: u16, extra_headers: &str, body: Option<&[u8]>, keep_alive: bool) -> Vec<u8> {
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nServer: podvmm\r\nConnection: {connection}\r\n{extra_headers}",
-        reason(status)
+        "HTTP/1.1 {status} \r\nServer: podvmm\r\nConnection: {connection}\r\n{extra_headers}"
     )
     .into_bytes();
-    match body {
+    match body.map(ascii_json) {
         Some(b) => {
             out.extend_from_slice(
                 format!(
@@ -102,12 +88,34 @@ fn response(status: u16, extra_headers: &str, body: Option<&[u8]>, keep_alive: b
                 )
                 .as_bytes(),
             );
-            out.extend_from_slice(b);
+            out.extend_from_slice(&b);
         }
         None if status == 204 => out.extend_from_slice(b"\r\n"),
         None => out.extend_from_slice(b"Content-Length: 0\r\n\r\n"),
     }
     out
+}
+
+/// `json` with every non-ASCII character written as a `\uXXXX` escape (UTF-16, surrogate
+/// pairs above U+FFFF). In JSON such characters only occur inside strings, where the escape
+/// means the same character.
+pub(crate) fn ascii_json(json: &[u8]) -> Vec<u8> {
+    if json.is_ascii() {
+        return json.to_vec();
+    }
+    let text = String::from_utf8_lossy(json);
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                out.push_str(&format!("\\u{u:04x}"));
+            }
+        }
+    }
+    out.into_bytes()
 }
 
 /// An error answer. The body is a JSON array of messages, as Cloud Hypervisor sends.
