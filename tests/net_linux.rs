@@ -268,8 +268,10 @@ fn linux_gets_dhcp_answers_arp_and_talks_tcp_over_virtio_net() {
         .expect("start dnsmasq");
     ns.children.push(dnsmasq);
 
+    // The kernel prints "IP-Config: Complete:" and then, line by line, what it got.
     b.wait_for("DHCP to complete", common::linux::deadline(), |b| {
-        b.console().contains("IP-Config: Complete")
+        let text = b.console();
+        text.contains("IP-Config: Complete") && text.contains("nameserver0=")
     });
     let complete = start.elapsed();
     let text = b.console();
@@ -298,13 +300,14 @@ fn linux_gets_dhcp_answers_arp_and_talks_tcp_over_virtio_net() {
         complete.as_secs_f64()
     );
 
-    // ARP: the guest kernel answers for its address.
+    // ARP: the guest kernel answers for its address. (arping's status says whether all probes
+    // were answered; under PVM the busy guest may answer a probe late: one answer proves it.)
     let mut arping = ns.cmd("arping");
-    arping.args(["-c", "2", "-w", "120", "-I", TAP, GUEST_IP]);
-    let (ok, out) = run_for(arping, Duration::from_secs(150));
+    arping.args(["-c", "3", "-w", "60", "-I", TAP, GUEST_IP]);
+    let (_, out) = run_for(arping, Duration::from_secs(90));
     eprintln!("net-linux: arping:\n{}", out.trim_end());
     assert!(
-        ok && out.to_lowercase().contains(&format!("[{GUEST_MAC}]")),
+        out.to_lowercase().contains(&format!("[{GUEST_MAC}]")),
         "no ARP reply from the guest\n{}",
         b.context()
     );
