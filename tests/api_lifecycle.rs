@@ -93,7 +93,8 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     // Shut down while paused works too.
     server.ok("PUT", "vm.pause", None);
     server.ok("PUT", "vm.shutdown", None);
-    assert_eq!(server.state(), "Shutdown");
+    // As in Cloud Hypervisor: shut down, the VM is Created again, ready to boot.
+    assert_eq!(server.state(), "Created");
 }
 
 #[test]
@@ -120,13 +121,13 @@ fn shutdown_boot_again_delete_and_nothing_leaks() {
         assert_eq!(vcpus, 4, "cycle {cycle}: 4 vCPU threads expected");
         server.ok("PUT", "vm.shutdown", None);
         let info = server.info();
-        assert_eq!(info["state"], "Shutdown");
+        assert_eq!(info["state"], "Created");
         assert_eq!(info["stop_reason"], "vm.shutdown");
         // The digests of what was booted stay.
         assert!(info["boot_digests"]["kernel_sha256"].is_string());
         assert!(server
             .refused("PUT", "vm.shutdown", None, 409)
-            .contains("already shut down"));
+            .contains("not been booted"));
         server.refused("PUT", "vm.pause", None, 409);
         // vCPU threads joined and descriptors closed (KVM, eventfds, memory).
         let counts = server.wait_for_counts(|(t, f)| t == 0 && f <= fds0);

@@ -187,6 +187,22 @@ const PAYLOAD_RULES: &[Rule] = &[
         Reject("podvmm boots the kernel directly (no firmware)"),
     ),
     rule("igvm", Null, Reject("IGVM payloads are not supported")),
+    // TDX measurement fields (Kata's Rust runtime sends them as null).
+    rule(
+        "mrconfigid",
+        Null,
+        Reject("confidential guests (TDX) are not supported"),
+    ),
+    rule(
+        "mrowner",
+        Null,
+        Reject("confidential guests (TDX) are not supported"),
+    ),
+    rule(
+        "mrownerconfig",
+        Null,
+        Reject("confidential guests (TDX) are not supported"),
+    ),
     rule(
         "host_data",
         Null,
@@ -202,7 +218,6 @@ const CPUS_RULES: &[Rule] = &[
         False,
         Reject("Hyper-V enlightenments are not provided"),
     ),
-    rule("max_phys_bits", Null, Ignore),
     rule("nested", True, Ignore),
     rule(
         "affinity",
@@ -216,8 +231,6 @@ const CPUS_RULES: &[Rule] = &[
 const CPU_FEATURES_RULES: &[Rule] = &[rule("amx", False, Reject("AMX is not offered"))];
 
 const MEMORY_RULES: &[Rule] = &[
-    // Memory hotplug is not supported: the size is fixed at boot.
-    rule("hotplug_size", Zero, Ignore),
     rule(
         "hotplugged_size",
         Zero,
@@ -503,12 +516,7 @@ mod tests {
         let ignored: Vec<&str> = ignored.iter().map(String::as_str).collect();
         assert_eq!(
             ignored,
-            [
-                "cpus.topology",
-                "memory.hotplug_size",
-                "platform.num_pci_segments",
-                "rng"
-            ]
+            ["cpus.topology", "platform.num_pci_segments", "rng"]
         );
     }
 

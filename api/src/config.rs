@@ -17,11 +17,11 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k";
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PayloadConfig {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initramfs: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
 }
 
@@ -29,7 +29,20 @@ pub struct PayloadConfig {
 #[serde(deny_unknown_fields)]
 pub struct CpusConfig {
     pub boot_vcpus: u32,
+    /// Recorded and reported; the VM runs `boot_vcpus` (vCPU hotplug is not provided, so a
+    /// resize to more gets a 400).
     pub max_vcpus: u32,
+    /// Guest physical address bits, as Cloud Hypervisor reports them (its default 46); the
+    /// guest's address space is what the memory map says.
+    #[serde(default = "default_max_phys_bits")]
+    pub max_phys_bits: u8,
+}
+
+/// Cloud Hypervisor's default `max_phys_bits`.
+pub const DEFAULT_MAX_PHYS_BITS: u8 = 46;
+
+fn default_max_phys_bits() -> u8 {
+    DEFAULT_MAX_PHYS_BITS
 }
 
 impl Default for CpusConfig {
@@ -37,28 +50,30 @@ impl Default for CpusConfig {
         CpusConfig {
             boot_vcpus: DEFAULT_VCPUS,
             max_vcpus: DEFAULT_VCPUS,
+            max_phys_bits: DEFAULT_MAX_PHYS_BITS,
         }
     }
 }
 
 impl CpusConfig {
-    /// `boot=N[,max=N]`. CPU hotplug is not supported, so `max` must equal `boot`.
+    /// `boot=N[,max=N]`: `max` (at least `boot`) is recorded; the VM runs `boot` vCPUs.
     pub fn parse(s: &str) -> Result<Self, OptionError> {
         let m = OptionMap::parse(s, &["boot", "max"])?;
         let boot = m
             .parse_with("boot", parse_count)?
             .ok_or_else(|| OptionError::Missing("boot".into()))?;
         let max = m.parse_with("max", parse_count)?.unwrap_or(boot);
-        if max != boot {
+        if max < boot {
             return Err(OptionError::InvalidValue {
                 key: "max".into(),
                 value: max.to_string(),
-                reason: "vCPU hotplug is not supported; max must equal boot".into(),
+                reason: format!("must be at least boot ({boot})"),
             });
         }
         Ok(CpusConfig {
             boot_vcpus: boot,
             max_vcpus: max,
+            max_phys_bits: DEFAULT_MAX_PHYS_BITS,
         })
     }
 }
@@ -68,12 +83,17 @@ impl CpusConfig {
 pub struct MemoryConfig {
     /// Guest RAM in bytes.
     pub size: u64,
+    /// Recorded and reported (Kata sizes its memory requests by it); the VM has `size` (memory
+    /// hotplug is not provided, so a resize to more gets a 400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug_size: Option<u64>,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
         MemoryConfig {
             size: DEFAULT_MEMORY_SIZE,
+            hotplug_size: None,
         }
     }
 }
@@ -90,7 +110,10 @@ impl MemoryConfig {
                 })
             })?
             .ok_or_else(|| OptionError::Missing("size".into()))?;
-        Ok(MemoryConfig { size })
+        Ok(MemoryConfig {
+            size,
+            hotplug_size: None,
+        })
     }
 }
 
@@ -190,10 +213,12 @@ pub enum ValidationError {
     NoKernel,
     #[error("boot_vcpus must be at least 1")]
     NoVcpus,
-    #[error("max_vcpus ({max}) must equal boot_vcpus ({boot}): vCPU hotplug is not supported")]
-    Hotplug { boot: u32, max: u32 },
+    #[error("max_vcpus ({max}) must be at least boot_vcpus ({boot})")]
+    MaxVcpus { boot: u32, max: u32 },
     #[error("memory size must be greater than zero")]
     NoMemory,
+    #[error("memory size {0} is not a multiple of 4 KiB (4096 bytes)")]
+    MemoryAlignment(u64),
     #[error("console mode {0:?} is not supported (podvmm has no virtio-console; use off)")]
     Console(ConsoleOutputMode),
     #[error("serial mode File needs a file path")]
@@ -210,14 +235,17 @@ impl VmConfig {
         if self.cpus.boot_vcpus == 0 {
             return Err(ValidationError::NoVcpus);
         }
-        if self.cpus.max_vcpus != self.cpus.boot_vcpus {
-            return Err(ValidationError::Hotplug {
+        if self.cpus.max_vcpus < self.cpus.boot_vcpus {
+            return Err(ValidationError::MaxVcpus {
                 boot: self.cpus.boot_vcpus,
                 max: self.cpus.max_vcpus,
             });
         }
         if self.memory.size == 0 {
             return Err(ValidationError::NoMemory);
+        }
+        if !self.memory.size.is_multiple_of(4096) {
+            return Err(ValidationError::MemoryAlignment(self.memory.size));
         }
         if !matches!(
             self.console.mode,
@@ -247,10 +275,12 @@ mod tests {
             CpusConfig::parse("boot=2").unwrap(),
             CpusConfig {
                 boot_vcpus: 2,
-                max_vcpus: 2
+                max_vcpus: 2,
+                max_phys_bits: 46
             }
         );
-        assert!(CpusConfig::parse("boot=2,max=4").is_err());
+        assert_eq!(CpusConfig::parse("boot=2,max=4").unwrap().max_vcpus, 4);
+        assert!(CpusConfig::parse("boot=2,max=1").is_err());
         assert!(CpusConfig::parse("boot=0").is_err());
         assert_eq!(
             CpusConfig::parse("max=2").unwrap_err(),
@@ -318,9 +348,17 @@ mod tests {
         assert!(matches!(cfg.validate(), Err(ValidationError::Console(_))));
         cfg.console = ConsoleConfig::off();
         cfg.cpus.max_vcpus = 4;
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.cpus.boot_vcpus = 5;
         assert!(matches!(
             cfg.validate(),
-            Err(ValidationError::Hotplug { .. })
+            Err(ValidationError::MaxVcpus { .. })
         ));
+        cfg.cpus.boot_vcpus = 1;
+        cfg.memory.size = 17825793;
+        assert_eq!(
+            cfg.validate(),
+            Err(ValidationError::MemoryAlignment(17825793))
+        );
     }
 }

@@ -50,6 +50,7 @@ pub enum ApiRequest {
     VmAddDisk(Box<AddDevice<DiskConfig>>),
     VmAddNet(Box<AddDevice<NetConfig>>),
     VmAddVsock(Box<AddDevice<VsockConfig>>),
+    VmResize(VmResize),
 }
 
 impl ApiRequest {
@@ -69,6 +70,7 @@ impl ApiRequest {
             ApiRequest::VmAddDisk(_) => "vm.add-disk",
             ApiRequest::VmAddNet(_) => "vm.add-net",
             ApiRequest::VmAddVsock(_) => "vm.add-vsock",
+            ApiRequest::VmResize(_) => "vm.resize",
         }
     }
 }
@@ -80,6 +82,30 @@ pub enum VmState {
     Running,
     Shutdown,
     Paused,
+}
+
+/// `vm.resize`'s body (Cloud Hypervisor's `VmResize`): each field absent or null when not
+/// asked for. podvmm does not hotplug, so only the sizes the VM already has are granted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmResize {
+    #[serde(default)]
+    pub desired_vcpus: Option<u32>,
+    /// Bytes of guest RAM.
+    #[serde(default)]
+    pub desired_ram: Option<u64>,
+    #[serde(default)]
+    pub desired_balloon: Option<u64>,
+}
+
+/// What `vm.add-disk`, `vm.add-net` and `vm.add-vsock` answer: Cloud Hypervisor's
+/// `PciDeviceInfo`. podvmm's devices are virtio-mmio, not PCI: `bdf` is `0000:00:NN.0` with
+/// NN the device's virtio-mmio slot (the guest's `virtio-mmio.NN`), in the form clients
+/// expect; it names no PCI device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciDeviceInfo {
+    pub id: String,
+    pub bdf: String,
 }
 
 /// `vmm.ping`'s answer (Cloud Hypervisor's `VmmPingResponse`).
@@ -138,6 +164,7 @@ pub enum ApiReply {
     Ping(PingInfo),
     Info(Box<VmInfo>),
     Counters(Counters),
+    Device(PciDeviceInfo),
 }
 
 /// A refused or failed request. The variant decides the HTTP status.

@@ -37,11 +37,17 @@ fn default_net_queue_size() -> u16 {
     256
 }
 
-/// `image_type`: only raw images are served.
+/// `image_type`, Cloud Hypervisor's names. podvmm serves raw images only: `Unknown` (what
+/// Kata's Rust runtime sends) has the image probed and a non-raw one refused; the other
+/// formats are refused by name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ImageType {
     #[default]
     Raw,
+    Unknown,
+    Qcow2,
+    FixedVhd,
+    Vhdx,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,14 +63,18 @@ pub struct DiskConfig {
     pub num_queues: u32,
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     #[serde(default)]
     pub image_type: ImageType,
+    /// Serve the disk with synchronous I/O instead of io_uring.
+    #[serde(default)]
+    pub disable_io_uring: bool,
 }
 
 impl DiskConfig {
-    /// `path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=NAME]`
+    /// `path=FILE[,readonly=on][,direct=on][,num_queues=N][,queue_size=N][,id=NAME]
+    /// [,_disable_io_uring=on]` (Cloud Hypervisor spells the last with its underscore)
     pub fn parse(s: &str) -> Result<Self, OptionError> {
         let m = OptionMap::parse(
             s,
@@ -75,6 +85,7 @@ impl DiskConfig {
                 "num_queues",
                 "queue_size",
                 "id",
+                "_disable_io_uring",
             ],
         )?;
         let path = m
@@ -91,6 +102,9 @@ impl DiskConfig {
                 .unwrap_or(default_queue_size()),
             id: m.get("id").map(str::to_string),
             image_type: ImageType::Raw,
+            disable_io_uring: m
+                .parse_with("_disable_io_uring", parse_bool)?
+                .unwrap_or(false),
         })
     }
 }
@@ -98,20 +112,20 @@ impl DiskConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<Ipv4Addr>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<Ipv4Addr>,
     /// Guest MAC address, `aa:bb:cc:dd:ee:ff`; random when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
     #[serde(default = "default_net_queues")]
     pub num_queues: u32,
     #[serde(default = "default_net_queue_size")]
     pub queue_size: u16,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// TAP file descriptors received over the API socket (SCM_RIGHTS); never from JSON.
     #[serde(skip)]
@@ -260,7 +274,7 @@ pub struct VsockConfig {
     pub cid: u32,
     /// Unix socket the host side listens on (hybrid vsock).
     pub socket: PathBuf,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// podvmm's own: seconds a host `CONNECT` is held while the guest boots (before the agent
     /// announces itself); default 600. See docs/vsock.md.

@@ -222,6 +222,7 @@ pub fn apply(config: &mut VmConfig, explicit: Explicit) -> Result<Sizing, PodErr
             config.cpus = CpusConfig {
                 boot_vcpus: t.vcpus,
                 max_vcpus: t.vcpus,
+                ..config.cpus.clone()
             };
         }
         if !explicit.memory {

@@ -271,6 +271,8 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
                 libc::SYS_sendto,
                 libc::SYS_setsockopt,
                 libc::SYS_poll,
+                // Closing an idle connection to make room for a new client (http/registry.rs).
+                libc::SYS_shutdown,
             ]);
             b.ioctls(&[libc::FIONBIO])?;
         }

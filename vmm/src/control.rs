@@ -20,10 +20,11 @@ use std::sync::atomic::Ordering;
 
 use api::control::{
     AddDevice, ApiError, ApiReply, ApiRequest, ApiResult, BootDigests, Counters, CreateVm,
-    PingInfo, VmInfo, VmState, VmmMailbox,
+    PciDeviceInfo, PingInfo, VmInfo, VmResize, VmState, VmmMailbox,
 };
 use api::pod::{self, Sizing};
-use api::{DiskConfig, NetConfig, VmConfig, VsockConfig};
+use api::{DiskConfig, ImageType, NetConfig, VmConfig, VsockConfig};
+use devices::virtio::block::image::{self, ImageFormat};
 use hypervisor::Selection;
 use sha2::{Digest, Sha256};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -139,9 +140,10 @@ impl Vmm {
             ApiRequest::VmPause => self.pause().map(|_| ApiReply::Empty),
             ApiRequest::VmResume => self.resume().map(|_| ApiReply::Empty),
             ApiRequest::VmCounters => self.counters().map(ApiReply::Counters),
-            ApiRequest::VmAddDisk(add) => self.add_disk(*add).map(|_| ApiReply::Empty),
-            ApiRequest::VmAddNet(add) => self.add_net(*add).map(|_| ApiReply::Empty),
-            ApiRequest::VmAddVsock(add) => self.add_vsock(*add).map(|_| ApiReply::Empty),
+            ApiRequest::VmAddDisk(add) => self.add_disk(*add).map(ApiReply::Device),
+            ApiRequest::VmAddNet(add) => self.add_net(*add).map(ApiReply::Device),
+            ApiRequest::VmAddVsock(add) => self.add_vsock(*add).map(ApiReply::Device),
+            ApiRequest::VmResize(r) => self.resize(r).map(|_| ApiReply::Empty),
         }
     }
 
@@ -256,7 +258,8 @@ impl Vmm {
         match slot.state {
             VmState::Running | VmState::Paused => {
                 release(epoll, slot);
-                slot.state = VmState::Shutdown;
+                // As in Cloud Hypervisor: the configuration stays, ready to boot again.
+                slot.state = VmState::Created;
                 slot.stop_reason = Some("vm.shutdown".into());
                 Ok(())
             }
@@ -357,19 +360,44 @@ impl Vmm {
         }
     }
 
-    fn add_disk(&mut self, add: AddDevice<DiskConfig>) -> Result<(), ApiError> {
+    fn add_disk(&mut self, add: AddDevice<DiskConfig>) -> Result<PciDeviceInfo, ApiError> {
         let slot = self.cold_slot("a disk")?;
         check_disk(&add.config)?;
         check_unique_id(&slot.config, add.config.id.as_deref())?;
-        slot.config
-            .disks
-            .get_or_insert_with(Vec::new)
-            .push(add.config);
+        let disks = slot.config.disks.get_or_insert_with(Vec::new);
+        disks.push(add.config);
         slot.ignored.extend(add.ignored);
+        Ok(device_info(&slot.config, DeviceKind::Disk))
+    }
+
+    /// `vm.resize`: the sizes the VM already has are granted (Kata's Go runtime asks for the
+    /// current vCPU count on every pod); anything else needs hotplug, which podvmm does not do.
+    fn resize(&mut self, r: VmResize) -> Result<(), ApiError> {
+        let slot = self.slot()?;
+        let cpus = &slot.config.cpus;
+        if let Some(n) = r.desired_vcpus.filter(|&n| n != cpus.boot_vcpus) {
+            return Err(bad(format!(
+                "desired_vcpus {n}: the VM has {} vCPUs and podvmm does not hotplug vCPUs \
+                 (max_vcpus {} is recorded, not provided)",
+                cpus.boot_vcpus, cpus.max_vcpus
+            )));
+        }
+        let size = slot.config.memory.size;
+        if let Some(ram) = r.desired_ram.filter(|&ram| ram != size) {
+            return Err(bad(format!(
+                "desired_ram {ram}: the VM has {size} bytes of memory and podvmm does not \
+                 hotplug memory"
+            )));
+        }
+        if let Some(b) = r.desired_balloon.filter(|&b| b != 0) {
+            return Err(bad(format!(
+                "desired_balloon {b}: podvmm has no balloon device"
+            )));
+        }
         Ok(())
     }
 
-    fn add_net(&mut self, add: AddDevice<NetConfig>) -> Result<(), ApiError> {
+    fn add_net(&mut self, add: AddDevice<NetConfig>) -> Result<PciDeviceInfo, ApiError> {
         let slot = self.cold_slot("a network device")?;
         let AddDevice {
             mut config,
@@ -385,10 +413,10 @@ impl Vmm {
         slot.config.net.get_or_insert_with(Vec::new).push(config);
         slot.net_fds.push(fds);
         slot.ignored.extend(ignored);
-        Ok(())
+        Ok(device_info(&slot.config, DeviceKind::Net))
     }
 
-    fn add_vsock(&mut self, add: AddDevice<VsockConfig>) -> Result<(), ApiError> {
+    fn add_vsock(&mut self, add: AddDevice<VsockConfig>) -> Result<PciDeviceInfo, ApiError> {
         let slot = self.cold_slot("a vsock device")?;
         if slot.config.vsock.is_some() {
             return Err(conflict("the VM already has a vsock device"));
@@ -397,7 +425,7 @@ impl Vmm {
         check_unique_id(&slot.config, add.config.id.as_deref())?;
         slot.config.vsock = Some(add.config);
         slot.ignored.extend(add.ignored);
-        Ok(())
+        Ok(device_info(&slot.config, DeviceKind::Vsock))
     }
 
     /// The guest stopped by itself (reset, power-off, crash): the VM moves to Shutdown.
@@ -530,6 +558,7 @@ fn check_disk(disk: &DiskConfig) -> Result<(), ApiError> {
             path.display()
         )));
     }
+    check_image_type(disk)?;
     if disk.num_queues == 0 || disk.num_queues > 64 {
         return Err(bad(format!(
             "disk {}: num_queues must be 1 to 64, not {}",
@@ -545,6 +574,76 @@ fn check_disk(disk: &DiskConfig) -> Result<(), ApiError> {
         )));
     }
     Ok(())
+}
+
+/// podvmm serves raw images: other formats are refused by name, and an image of unknown type
+/// (Kata's Rust runtime says `Unknown`) is probed and refused if it is not raw.
+fn check_image_type(disk: &DiskConfig) -> Result<(), ApiError> {
+    let path = disk.path.display();
+    match disk.image_type {
+        ImageType::Raw => Ok(()),
+        ImageType::Qcow2 | ImageType::FixedVhd | ImageType::Vhdx => Err(bad(format!(
+            "disk {path}: image_type {:?} is not supported: podvmm serves raw images only",
+            disk.image_type
+        ))),
+        ImageType::Unknown => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(&disk.path)
+                .map_err(|e| bad(format!("disk {path}: {e}")))?;
+            let size = devices::virtio::block::disk_size(&file)
+                .map_err(|e| bad(format!("disk {path}: {e}")))?;
+            match image::probe(&file, size) {
+                Ok(ImageFormat::Raw) => Ok(()),
+                Ok(other) => Err(bad(format!(
+                    "disk {path}: the image is {} (probed, image_type Unknown): podvmm serves raw \
+                     images only",
+                    other.name()
+                ))),
+                Err(e) => Err(bad(format!("disk {path}: probing its format: {e}"))),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum DeviceKind {
+    Disk,
+    Net,
+    Vsock,
+}
+
+/// The answer to an add: the last device of `kind` in `config`, its id (the default one if
+/// none was given, as the device manager names it) and its virtio-mmio slot, in the order the
+/// device manager wires devices (disks, then nets, then vsock).
+fn device_info(config: &VmConfig, kind: DeviceKind) -> PciDeviceInfo {
+    let disks = config.disks.as_deref().unwrap_or_default();
+    let nets = config.net.as_deref().unwrap_or_default();
+    let (slot, id) = match kind {
+        DeviceKind::Disk => {
+            let i = disks.len().saturating_sub(1);
+            let id = disks.last().and_then(|d| d.id.clone());
+            (i, id.unwrap_or_else(|| format!("disk{i}")))
+        }
+        DeviceKind::Net => {
+            let i = nets.len().saturating_sub(1);
+            let id = nets.last().and_then(|n| n.id.clone());
+            (disks.len() + i, id.unwrap_or_else(|| format!("net{i}")))
+        }
+        DeviceKind::Vsock => {
+            let id = config.vsock.as_ref().and_then(|v| v.id.clone());
+            (
+                disks.len() + nets.len(),
+                id.unwrap_or_else(|| "vsock".into()),
+            )
+        }
+    };
+    PciDeviceInfo {
+        id,
+        bdf: format!("0000:00:{:02x}.0", slot & 0xff),
+    }
 }
 
 fn check_net(net: &NetConfig) -> Result<(), ApiError> {

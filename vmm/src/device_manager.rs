@@ -252,7 +252,7 @@ fn block_config(disk: &DiskConfig, index: usize) -> Result<BlockConfig> {
         num_queues,
         queue_size: disk.queue_size,
         id: disk.id.clone().unwrap_or_else(|| format!("disk{index}")),
-        engine: None,
+        engine: disk.disable_io_uring.then_some(EngineKind::Sync),
     })
 }
 

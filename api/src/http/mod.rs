@@ -1,10 +1,10 @@
 //! The REST API's HTTP/1.1 server on a Unix socket (Cloud Hypervisor's paths under `/api/v1`).
 //!
-//! Threads: each connection gets its own thread, up to [`Limits::max_connections`]; a new
-//! client at that limit makes room by closing the connection that matters least (one that never
-//! began a request, then one stuck sending one, then the longest idle: see `registry.rs`), so a
-//! shim's call always gets in, and is refused (503) only when every connection has a request
-//! with the VMM. Threads are reused: they wait in `accept` themselves, and one that finished
+//! Threads: each connection gets its own thread. Past [`Limits::max_connections`] a new client
+//! makes room by closing a connection that let a short grace pass without a whole request
+//! (silent, or stuck sending one); past twice that, the longest idle one (see `registry.rs`).
+//! So a shim's call always gets in, and is refused (503) only when twice the limit of
+//! connections all have a request with the VMM. Threads are reused: they wait in `accept` themselves, and one that finished
 //! with a connection goes back to waiting (a few are kept). A request's thread blocks while the
 //! VMM thread works on it (a boot can take tens of milliseconds), so a thread per connection
 //! keeps one client's slow request, or a stalled or hostile client, from delaying anyone else,

@@ -5,13 +5,20 @@
 //! instead: when a new one arrives at the limit, the one that matters least makes room —
 //! first one that never began a request, then one stuck sending a request, then the
 //! connection idle the longest. A connection whose request the VMM is working on is never
-//! touched; only when every connection is in that state is the newcomer refused (503).
+//! touched, nor one younger than [`GRACE`] that has not begun its request (it may be a client
+//! whose request is on its way: threads pick connections up in no set order). When nothing may
+//! make room, the newcomer is still let in, up to twice the limit; past that it is refused
+//! (503).
 
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long a new connection may take to begin its request before it can be closed to make
+/// room for another.
+pub(crate) const GRACE: Duration = Duration::from_millis(250);
 
 /// What a connection is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -71,16 +78,38 @@ impl Registry {
         let mut inner = self.lock();
         let live = inner.conns.values().filter(|e| !e.evicted).count();
         if live >= self.max {
+            let now = Instant::now();
+            // A fresh connection whose request is already waiting to be read is a client like
+            // any other, only not yet picked up by its thread: rank it as reading.
+            let rank = |e: &Entry| match e.phase {
+                Phase::Fresh if has_input(&e.stream) => Phase::Reading,
+                p => p,
+            };
+            // At the limit, only a connection that let its grace pass without a whole request
+            // makes room; at twice the limit, the longest idle one too, then any but a busy one.
+            let hard = live >= 2 * self.max;
             let victim = inner
                 .conns
                 .iter()
                 .filter(|(_, e)| !e.evicted && e.phase != Phase::Handling)
-                .min_by_key(|(_, e)| (e.phase, e.since))
-                .map(|(id, _)| *id)?;
-            if let Some(e) = inner.conns.get_mut(&victim) {
-                e.evicted = true;
-                // Wakes its thread (its read sees end-of-file); the thread then leaves.
-                let _ = e.stream.shutdown(Shutdown::Both);
+                .filter(|(_, e)| {
+                    hard || (rank(e) != Phase::Idle && now.duration_since(e.since) >= GRACE)
+                })
+                .min_by_key(|(_, e)| {
+                    let stale = now.duration_since(e.since) >= GRACE;
+                    (!stale && rank(e) != Phase::Idle, rank(e), e.since)
+                })
+                .map(|(id, _)| *id);
+            match victim {
+                Some(v) => {
+                    if let Some(e) = inner.conns.get_mut(&v) {
+                        e.evicted = true;
+                        // Wakes its thread (its read sees end-of-file); the thread then leaves.
+                        let _ = e.stream.shutdown(Shutdown::Both);
+                    }
+                }
+                None if hard => return None,
+                None => {}
             }
         }
         let id = inner.next;
@@ -102,6 +131,18 @@ impl Registry {
     pub fn live(&self) -> usize {
         self.lock().conns.values().filter(|e| !e.evicted).count()
     }
+}
+
+/// Whether bytes (or a hang-up) wait on `stream`, without waiting.
+fn has_input(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
 }
 
 impl Ticket<'_> {
@@ -146,34 +187,45 @@ mod tests {
         t_idle.set(Phase::Idle);
         let _t_fresh = r.admit(&fresh).unwrap();
         assert_eq!(r.live(), 3);
-        // Full: the fresh connection (never began a request) goes first.
-        let (n1, _n1c) = pair();
+        // At the limit, but the fresh connection is within its grace and the idle one was
+        // served: the newcomer gets in over the limit, nobody is closed.
+        let (young, _young_c) = pair();
+        let t_young = r.admit(&young).unwrap();
+        assert_eq!(r.live(), 4);
+        assert!(!closed(&mut fresh_c) && !closed(&mut idle_c));
+        drop(t_young);
+        std::thread::sleep(GRACE);
+        // Its grace over, the silent fresh connection makes room.
+        let (n1, mut n1c) = pair();
         let t1 = r.admit(&n1).unwrap();
         assert!(closed(&mut fresh_c));
         assert!(!closed(&mut idle_c) && !closed(&mut busy_c));
         assert_eq!(r.live(), 3);
-        // Then one part-way through a request, before one idle after being served.
+        // A stalled sender goes too, once its grace is over; the served idle one stays.
         t1.set(Phase::Reading);
+        std::thread::sleep(GRACE);
         let (n2, mut n2c) = pair();
         let t2 = r.admit(&n2).unwrap();
+        assert!(closed(&mut n1c));
         assert!(!closed(&mut idle_c));
-        t2.set(Phase::Idle);
+        t2.set(Phase::Handling);
+        // Nothing left that may make room at the limit: over it, up to twice the limit...
+        let extra: Vec<_> = (0..3).map(|_| pair()).collect();
+        let tickets: Vec<_> = extra.iter().map(|(s, _)| r.admit(s).unwrap()).collect();
+        for t in &tickets {
+            t.set(Phase::Handling);
+        }
+        assert_eq!(r.live(), 6);
+        assert!(!closed(&mut idle_c));
+        // ...where the longest idle connection makes room,
         let (n3, _n3c) = pair();
         let t3 = r.admit(&n3).unwrap();
-        // The longest idle of the two idle ones goes now (t_idle, older than t2).
         assert!(closed(&mut idle_c));
-        assert!(!closed(&mut n2c) && !closed(&mut busy_c));
-        // Everyone busy: the newcomer is refused.
-        t2.set(Phase::Handling);
         t3.set(Phase::Handling);
+        // and when every connection is busy the newcomer is refused.
         let (n4, _n4c) = pair();
         assert!(r.admit(&n4).is_none());
-        assert!(!closed(&mut busy_c));
-        // A place freed by a finished thread is taken without closing anyone.
-        drop(t3);
-        let (n5, _n5c) = pair();
-        assert!(r.admit(&n5).is_some());
         assert!(!closed(&mut busy_c) && !closed(&mut n2c));
-        drop((t_busy, t_idle, t2));
+        drop((t_busy, t_idle, t2, t3, tickets));
     }
 }

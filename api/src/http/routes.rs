@@ -42,6 +42,7 @@ const ENDPOINTS: &[(&str, Method)] = &[
     ("vm.add-disk", Method::Put),
     ("vm.add-net", Method::Put),
     ("vm.add-vsock", Method::Put),
+    ("vm.resize", Method::Put),
 ];
 
 /// Cloud Hypervisor endpoints podvmm does not provide: 501, not 404, so a client learns
@@ -49,7 +50,6 @@ const ENDPOINTS: &[(&str, Method)] = &[
 const NOT_PROVIDED: &[&str] = &[
     "vm.reboot",
     "vm.power-button",
-    "vm.resize",
     "vm.resize-disk",
     "vm.resize-zone",
     "vm.add-device",
@@ -173,6 +173,7 @@ pub(crate) fn respond(request: Request, handler: &dyn ApiHandler) -> (Vec<u8>, b
                 ApiReply::Ping(p) => serde_json::to_vec(&p),
                 ApiReply::Info(i) => serde_json::to_vec(&i),
                 ApiReply::Counters(c) => serde_json::to_vec(&c),
+                ApiReply::Device(d) => serde_json::to_vec(&d),
             };
             match body {
                 Ok(b) => (response(200, "", Some(&b), keep_alive), keep_alive),
@@ -247,6 +248,7 @@ fn to_api_request(mut request: Request) -> Result<ApiRequest, Refusal> {
         "vm.pause" => ApiRequest::VmPause,
         "vm.resume" => ApiRequest::VmResume,
         "vm.counters" => ApiRequest::VmCounters,
+        "vm.resize" => ApiRequest::VmResize(typed(name, "VmResize", json_body(name, body)?)?),
         "vm.create" => {
             let mut v = json_body(name, body)?;
             let explicit = Explicit::from_json(&v);
@@ -358,6 +360,7 @@ mod tests {
                 "vm.add-disk" => r#"{"path":"/d"}"#,
                 "vm.add-net" => r#"{"tap":"t0"}"#,
                 "vm.add-vsock" => r#"{"cid":3,"socket":"/s"}"#,
+                "vm.resize" => r#"{"desired_vcpus":1}"#,
                 _ => "",
             };
             let req = Request {

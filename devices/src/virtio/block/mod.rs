@@ -9,6 +9,7 @@
 pub mod engine;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod image;
 pub mod request;
 #[cfg(test)]
 mod tests;
@@ -57,8 +58,8 @@ pub enum BlockError {
     },
     #[error("disk {0} is not a regular file or block device")]
     NotAFile(PathBuf),
-    #[error("disk {0} is empty")]
-    Empty(PathBuf),
+    #[error("disk {0} is {1} bytes: smaller than one 512-byte sector")]
+    Empty(PathBuf, u64),
     #[error("disk {path}: num_queues must be 1 to {max}, not {got}")]
     Queues { path: PathBuf, got: u32, max: u32 },
 }
@@ -110,26 +111,47 @@ fn open_disk(cfg: &BlockConfig) -> Result<(File, u64), BlockError> {
         path: path.clone(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(err)?;
-    let ft = meta.file_type();
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(!cfg.readonly);
+    // O_NONBLOCK: a FIFO put where the disk was must not hang the open (it is refused below
+    // from the descriptor itself, so a path swapped after a check cannot slip through); it
+    // changes nothing for files and block devices.
+    let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
+    if cfg.direct {
+        flags |= libc::O_DIRECT;
+    }
+    opts.custom_flags(flags);
+    // Never create or truncate: the file is the user's data.
+    let file = opts.open(path).map_err(err)?;
+    let ft = file.metadata().map_err(err)?.file_type();
     if !(ft.is_file() || ft.is_block_device()) {
         return Err(BlockError::NotAFile(path.clone()));
     }
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(!cfg.readonly);
-    if cfg.direct {
-        opts.custom_flags(libc::O_DIRECT);
-    }
-    // Never create or truncate: the file is the user's data.
-    let file = opts.open(path).map_err(err)?;
+    // Back to blocking: io_uring answers EAGAIN instead of waiting on an O_NONBLOCK file.
+    clear_nonblock(&file).map_err(err)?;
     let size = disk_size(&file).map_err(err)?;
     if size < SECTOR_SIZE {
-        return Err(BlockError::Empty(path.clone()));
+        return Err(BlockError::Empty(path.clone(), size));
     }
     Ok((file, size))
 }
 
-fn disk_size(file: &File) -> std::io::Result<u64> {
+fn clear_nonblock(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL with flags read from the same descriptor.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The size in bytes of a disk image or block device (where `metadata().len()` is 0).
+pub fn disk_size(file: &File) -> std::io::Result<u64> {
     use std::io::{Seek, SeekFrom};
     // Works for block devices too, where metadata().len() is 0.
     let mut f = file;
