@@ -88,7 +88,7 @@ pub struct KernelSpec<'a> {
 }
 
 /// Longest command line Linux keeps on x86 (COMMAND_LINE_SIZE, including the NUL).
-const PVH_CMDLINE_MAX: usize = 2048;
+pub const PVH_CMDLINE_MAX: usize = 2048;
 /// hvm_start_info magic ("xEn3" with the high bit set) and version.
 const PVH_MAGIC: u32 = 0x336e_c578;
 const PVH_VERSION: u32 = 1;

@@ -40,6 +40,18 @@ pub enum Error {
     MapMemory(#[source] hypervisor::Error),
     #[error("{0}")]
     Boot(#[from] boot::loader::Error),
+    #[error(
+        "kernel command line is {given} bytes; podvmm adds {added} bytes on this host ({what}), \
+         which makes {} of the kernel's {max} (NUL included): shorten it by {}",
+        given + added + 1,
+        given + added + 1 - max
+    )]
+    CmdlineTooLong {
+        given: usize,
+        added: usize,
+        what: String,
+        max: usize,
+    },
     #[error("{0}")]
     VcpuSetup(#[from] boot::Error),
     #[error("serial output {path}: {source}")]

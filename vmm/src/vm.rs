@@ -225,7 +225,22 @@ impl Vm {
             syscall_fixup: hv.syscall_needs_fixup(),
         };
         let added = boot::cpuid::added_params(&cmdline, quirks);
-        let cmdline = boot::cpuid::guest_cmdline(&cmdline, quirks);
+        let full = boot::cpuid::guest_cmdline(&cmdline, quirks);
+        // Say how much of the length is ours when only what we add makes it too long.
+        let max = boot::loader::PVH_CMDLINE_MAX;
+        if full.len() >= max && cmdline.len() < max && !added.is_empty() {
+            return Err(Error::CmdlineTooLong {
+                given: cmdline.len(),
+                added: full.len() - cmdline.len(),
+                what: added
+                    .iter()
+                    .map(|p| p.split('=').next().unwrap_or(p))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                max,
+            });
+        }
+        let cmdline = full;
         let boot = boot::load_kernel(
             &mem,
             &KernelSpec {
