@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use api::pod::Explicit;
 use api::{
     ConsoleConfig, ContainerLimits, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    VmConfig, VsockConfig,
+    RngConfig, VmConfig, VsockConfig,
 };
 use clap::{Parser, Subcommand};
 use hypervisor::{HypervisorKind, Selection};
@@ -66,6 +66,9 @@ struct Cli {
     /// guest connections to host port N go to PATH_N (docs/vsock.md).
     #[arg(long, value_name = "cid=N,socket=PATH", requires = "kernel", value_parser = |s: &str| VsockConfig::parse(s).map_err(|e| e.to_string()))]
     vsock: Option<VsockConfig>,
+    /// A virtio-rng device (the guest's /dev/hwrng) filled from src=PATH, e.g. /dev/urandom.
+    #[arg(long, value_name = "src=PATH", requires = "kernel", value_parser = |s: &str| RngConfig::parse(s).map_err(|e| e.to_string()))]
+    rng: Option<RngConfig>,
     /// Write timestamped VMM and guest events (booted, agent ready...) as JSON lines: path=FILE.
     #[arg(long = "event-monitor", value_name = "path=FILE", value_parser = |s: &str| vmm::event_monitor::parse_option(s).map_err(|e| e.to_string()))]
     event_monitor: Option<PathBuf>,
@@ -111,6 +114,7 @@ impl Cli {
             disks: (!self.disk.is_empty()).then(|| self.disk.clone()),
             net: (!self.net.is_empty()).then(|| self.net.clone()),
             vsock: self.vsock.clone(),
+            rng: self.rng.clone(),
             pod: (!self.pod_limits.is_empty()).then(|| api::PodConfig {
                 containers: self.pod_limits.clone(),
             }),

@@ -33,7 +33,7 @@ fn linux_agent_answers_over_vsock() {
 /// The default kit: /init starts the agent in the background. 2 vCPUs.
 fn agent_via_init() {
     let dir = TempDir::new("linux-agent");
-    let mut b = Boot::start(&dir, "init", 2, &[], CMDLINE);
+    let mut b = Boot::start(&dir, "init", 2, &["--rng", "src=/dev/urandom"], CMDLINE);
     // A host service the guest reaches over vsock: host port 5000 is `<socket>_5000`.
     let service = format!("{}_5000", b.socket.display());
     let listener = UnixListener::bind(&service).expect("bind the host service");
@@ -87,6 +87,16 @@ fn agent_via_init() {
     assert!(e.to_string().contains("cannot run"), "{e}");
     let procs = sh_ok(&mut c, &b, "grep -c ^processor /proc/cpuinfo", None);
     assert_eq!(procs.trim(), "2");
+    // virtio-rng: the guest's hardware RNG is podvmm's device, and it gives bytes.
+    let rng = sh_ok(
+        &mut c,
+        &b,
+        "cat /sys/class/misc/hw_random/rng_current; head -c 4096 /dev/hwrng | wc -c",
+        None,
+    );
+    let rng: Vec<&str> = rng.split_whitespace().collect();
+    assert!(rng[0].starts_with("virtio_rng"), "{rng:?}");
+    assert_eq!(rng[1], "4096", "{rng:?}");
 
     // Guest to host over vsock: a guest process connects to host port 5000.
     let reply = sh_ok(

@@ -22,7 +22,7 @@ use serde::de::{self, Deserialize, Deserializer, Visitor};
 use serde_json::{Map, Value};
 
 use crate::{ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig};
-use crate::{VmConfig, VsockConfig};
+use crate::{RngConfig, VmConfig, VsockConfig};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompatError {
@@ -109,8 +109,6 @@ const VM_RULES: &[Rule] = &[
         EmptyList,
         Reject("Landlock is not supported"),
     ),
-    // No virtio-rng: the guest seeds its RNG from RDRAND and its own jitter entropy.
-    rule("rng", Null, Ignore),
     rule("balloon", Null, Ignore),
     rule("platform", Null, Walk(PLATFORM_RULES)),
     rule("fs", EmptyList, Reject("virtio-fs is not supported yet")),
@@ -308,6 +306,12 @@ const NET_RULES: &[Rule] = &[
     rule("fds", Null, Ignore),
 ];
 
+const RNG_RULES: &[Rule] = &[
+    rule("iommu", False, Reject(NO_IOMMU)),
+    rule("pci_segment", Null, Ignore),
+    rule("pci_device_id", Null, Ignore),
+];
+
 const VSOCK_RULES: &[Rule] = &[
     rule("iommu", False, Reject(NO_IOMMU)),
     rule("pci_segment", Null, Ignore),
@@ -457,6 +461,9 @@ pub fn clean_vm_config(v: &mut Value) -> Result<BTreeSet<String>, CompatError> {
     if let Some(v) = obj.get_mut("vsock") {
         clean_object::<VsockConfig>(v, "vsock", VSOCK_RULES, &mut ignored)?;
     }
+    if let Some(r) = obj.get_mut("rng") {
+        clean_object::<RngConfig>(r, "rng", RNG_RULES, &mut ignored)?;
+    }
     Ok(ignored)
 }
 
@@ -514,10 +521,7 @@ mod tests {
         assert_eq!(cfg.cpus.boot_vcpus, 2);
         assert_eq!(cfg.disks.unwrap()[0].path, std::path::PathBuf::from("/img"));
         let ignored: Vec<&str> = ignored.iter().map(String::as_str).collect();
-        assert_eq!(
-            ignored,
-            ["cpus.topology", "platform.num_pci_segments", "rng"]
-        );
+        assert_eq!(ignored, ["cpus.topology", "platform.num_pci_segments"]);
     }
 
     /// Found by the `vm_config_json` fuzz target: a rejected value is quoted in the error,

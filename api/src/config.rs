@@ -202,6 +202,9 @@ pub struct VmConfig {
     pub net: Option<Vec<crate::NetConfig>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<crate::VsockConfig>,
+    /// virtio-rng: the guest's `/dev/hwrng`, filled from `src`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<crate::RngConfig>,
     /// The pod's containers' resource limits; the VM is sized from them (`crate::pod`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<crate::PodConfig>,

@@ -334,6 +334,27 @@ impl VsockConfig {
     }
 }
 
+/// `rng`: a virtio-rng device whose buffers are filled from `src`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RngConfig {
+    pub src: PathBuf,
+}
+
+impl RngConfig {
+    /// `src=PATH` (Cloud Hypervisor's `--rng`).
+    pub fn parse(s: &str) -> Result<Self, OptionError> {
+        let m = OptionMap::parse(s, &["src"])?;
+        let src = m
+            .get("src")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| OptionError::Missing("src".into()))?;
+        Ok(RngConfig {
+            src: PathBuf::from(src),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,8 @@ pub enum ThreadKind {
     Net,
     /// The virtio-vsock muxer.
     Vsock,
+    /// The virtio-rng worker: reads the entropy source into guest buffers.
+    Rng,
     /// Copies the terminal to the serial port.
     Stdin,
     /// Starts every other thread (see [`spawn`]).
@@ -91,13 +93,14 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::Block,
         ThreadKind::Net,
         ThreadKind::Vsock,
+        ThreadKind::Rng,
         ThreadKind::Stdin,
         ThreadKind::Spawner,
     ];
@@ -110,6 +113,7 @@ impl ThreadKind {
             ThreadKind::Block => "block",
             ThreadKind::Net => "net",
             ThreadKind::Vsock => "vsock",
+            ThreadKind::Rng => "rng",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Spawner => "spawner",
         }

@@ -315,6 +315,14 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
             b.allow_arg(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
             b.ioctls(&[libc::FIONBIO])?;
         }
+        // Reads the entropy source (the base set's read) and waits on its queue.
+        ThreadKind::Rng => {
+            b.allow(&[
+                libc::SYS_epoll_create1,
+                libc::SYS_epoll_ctl,
+                libc::SYS_epoll_wait,
+            ]);
+        }
         // Reads the terminal, locks the serial port, raises its interrupt: the base set.
         ThreadKind::Stdin => {}
         ThreadKind::Spawner => {

@@ -53,6 +53,7 @@ fn workers_get_less_than_the_vmm_thread() {
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::Net,
+        ThreadKind::Rng,
         ThreadKind::Stdin,
     ] {
         let mine = allowed_syscalls(kind, Backend::Kvm);

@@ -346,6 +346,21 @@ impl Vmm {
                     .collect(),
             );
         }
+        if let Some(c) = &vm.devices().rng {
+            let entries = [
+                ("bytes", &c.bytes),
+                ("requests", &c.requests),
+                ("invalid_requests", &c.invalid_requests),
+                ("source_errors", &c.source_errors),
+            ];
+            counters.insert(
+                "rng".to_string(),
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+                    .collect(),
+            );
+        }
         Ok(counters)
     }
 
@@ -529,6 +544,9 @@ fn check_config(config: &VmConfig) -> Result<(), ApiError> {
     if let Some(v) = &config.vsock {
         check_vsock(v)?;
     }
+    if let Some(r) = &config.rng {
+        check_rng(r)?;
+    }
     Ok(())
 }
 
@@ -676,6 +694,19 @@ fn check_vsock(v: &VsockConfig) -> Result<(), ApiError> {
         return Err(bad("vsock socket path is empty"));
     }
     v.validate().map_err(bad)
+}
+
+fn check_rng(r: &api::RngConfig) -> Result<(), ApiError> {
+    use std::os::unix::fs::FileTypeExt;
+    let src = r.src.display();
+    let meta = std::fs::metadata(&r.src).map_err(|e| bad(format!("rng src {src}: {e}")))?;
+    let ft = meta.file_type();
+    if !(ft.is_char_device() || ft.is_file()) {
+        return Err(bad(format!(
+            "rng src {src}: not a character device or regular file"
+        )));
+    }
+    Ok(())
 }
 
 fn check_unique_id(config: &VmConfig, id: Option<&str>) -> Result<(), ApiError> {

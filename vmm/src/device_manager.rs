@@ -44,6 +44,8 @@ pub enum DeviceError {
     Net(#[from] NetError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Rng(#[from] devices::virtio::rng::RngError),
     #[error("vsock: only one vsock device per VM")]
     SecondVsock,
     #[error("net {id}: {what}")]
@@ -79,6 +81,8 @@ pub struct DeviceManager {
     pub nets: Vec<NetInfo>,
     /// The vsock device: its socket (removed when this is dropped) and the agent's ready time.
     pub vsock: Option<VsockHandle>,
+    /// The virtio-rng device's counters.
+    pub rng: Option<Arc<devices::virtio::rng::RngCounters>>,
 }
 
 impl DeviceManager {
@@ -110,6 +114,12 @@ impl DeviceManager {
         }
         if let Some(vsock) = &config.vsock {
             dm.add_vsock(vm, mem, mmio, vsock)?;
+        }
+        // Last: the slots of disks, nets and vsock (what vm.add-* answered) stay as they were.
+        if let Some(rng) = &config.rng {
+            let device = devices::virtio::rng::Rng::new(&rng.src).map_err(DeviceError::from)?;
+            dm.rng = Some(device.counters());
+            dm.add(vm, mem, mmio, Box::new(device))?;
         }
         Ok(dm)
     }

@@ -9,6 +9,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,6 +39,7 @@ pub mod status {
 /// Device type ids.
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Interrupt status bits (MMIO `InterruptStatus`).
