@@ -12,8 +12,8 @@
 //! - a Cloud Hypervisor field podvmm can safely do without (`cpus.topology`, `rng`,
 //!   `memory.hotplug_size`, a NIC's offload flags...) is dropped whatever its value, and its
 //!   path is listed in `vm.info`'s `ignored_fields`;
-//! - a Cloud Hypervisor field that asks for something podvmm does not do (`memory.shared: true`,
-//!   `fs: [...]`, `iommu: true`...) is a 400 that names the field and says why;
+//! - a Cloud Hypervisor field that asks for something podvmm does not do (`memory.hugepages:
+//!   true`, `fs: [...]`, `iommu: true`...) is a 400 that names the field and says why;
 //! - anything else stays and is refused by the type (`unknown field`), a 400.
 
 use std::collections::BTreeSet;
@@ -239,11 +239,6 @@ const MEMORY_RULES: &[Rule] = &[
         "mergeable",
         False,
         Reject("KSM-merged guest memory is not supported"),
-    ),
-    rule(
-        "shared",
-        False,
-        Reject("shared guest memory (for vhost-user and virtio-fs) is not supported"),
     ),
     rule(
         "hugepages",
@@ -558,8 +553,8 @@ mod tests {
     fn features_we_lack_are_refused_by_name() {
         for (body, field) in [
             (
-                r#"{"payload":{},"memory":{"size":1,"shared":true}}"#,
-                "memory.shared",
+                r#"{"payload":{},"memory":{"size":1,"hugepages":true}}"#,
+                "memory.hugepages",
             ),
             (r#"{"payload":{},"fs":[{"tag":"x"}]}"#, "fs"),
             (r#"{"payload":{},"iommu":true}"#, "iommu"),

@@ -87,6 +87,10 @@ pub struct MemoryConfig {
     /// hotplug is not provided, so a resize to more gets a 400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hotplug_size: Option<u64>,
+    /// Back guest RAM with a memfd mapped shared, so a vhost-user back-end can map it too;
+    /// still populated only as the guest touches it.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 impl Default for MemoryConfig {
@@ -94,14 +98,15 @@ impl Default for MemoryConfig {
         MemoryConfig {
             size: DEFAULT_MEMORY_SIZE,
             hotplug_size: None,
+            shared: false,
         }
     }
 }
 
 impl MemoryConfig {
-    /// `size=SIZE` with a K/M/G/T suffix, e.g. `size=512M`.
+    /// `size=SIZE[,shared=on|off]` with a K/M/G/T suffix, e.g. `size=512M,shared=on`.
     pub fn parse(s: &str) -> Result<Self, OptionError> {
-        let m = OptionMap::parse(s, &["size"])?;
+        let m = OptionMap::parse(s, &["size", "shared"])?;
         let size = m
             .parse_with("size", |v| {
                 parse_size(v).and_then(|n| match n {
@@ -110,9 +115,17 @@ impl MemoryConfig {
                 })
             })?
             .ok_or_else(|| OptionError::Missing("size".into()))?;
+        let shared = m
+            .parse_with("shared", |v| match v {
+                "on" | "true" => Ok(true),
+                "off" | "false" => Ok(false),
+                _ => Err("expected on or off".to_string()),
+            })?
+            .unwrap_or(false);
         Ok(MemoryConfig {
             size,
             hotplug_size: None,
+            shared,
         })
     }
 }
@@ -294,7 +307,16 @@ mod tests {
     #[test]
     fn memory_option() {
         assert_eq!(MemoryConfig::parse("size=512M").unwrap().size, 512 << 20);
-        for bad in ["size=banana", "size=0", "size=", "shared=on", "512M"] {
+        let m = MemoryConfig::parse("size=1G,shared=on").unwrap();
+        assert!(m.shared && m.size == 1 << 30);
+        for bad in [
+            "size=banana",
+            "size=0",
+            "size=",
+            "shared=on",
+            "512M",
+            "size=1G,shared=yes",
+        ] {
             assert!(MemoryConfig::parse(bad).is_err(), "{bad}");
         }
         let err = MemoryConfig::parse("size=banana").unwrap_err().to_string();

@@ -222,6 +222,9 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
                 libc::SYS_unlink,
                 libc::SYS_chmod,
                 libc::SYS_fchmod,
+                // Shared guest memory (`memory.shared`): a memfd sized to the guest's RAM.
+                libc::SYS_memfd_create,
+                libc::SYS_ftruncate,
                 // Event loop and device plumbing.
                 libc::SYS_poll,
                 libc::SYS_epoll_create1,

@@ -1,8 +1,10 @@
-//! Guest RAM: anonymous, lazily backed mappings, and the host-capacity check.
+//! Guest RAM: lazily backed mappings (private anonymous memory, or a memfd mapped shared when
+//! `memory.shared` asks for memory a vhost-user back-end can map too), and the host-capacity
+//! check.
 
 use std::sync::Arc;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::{Error, Result};
 
@@ -18,9 +20,10 @@ fn parse_mem_total(meminfo: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Checks the size, then maps guest RAM. The mapping is anonymous and not populated: host
-/// memory is only consumed as the guest touches pages.
-pub fn create(size: u64) -> Result<Arc<GuestMemoryMmap>> {
+/// Checks the size, then maps guest RAM. Nothing is populated: host memory is only consumed as
+/// the guest touches pages. `shared`: the RAM is a memfd (`podvmm-guest-ram`) mapped
+/// `MAP_SHARED`, whose descriptor each region carries (`file_offset`) for a back-end to map.
+pub fn create(size: u64, shared: bool) -> Result<Arc<GuestMemoryMmap>> {
     if size < boot::layout::MIN_MEMORY {
         return Err(Error::Limit(format!(
             "memory size {size} bytes is below the minimum of {} MiB",
@@ -36,12 +39,45 @@ pub fn create(size: u64) -> Result<Arc<GuestMemoryMmap>> {
             )));
         }
     }
-    let mem = GuestMemoryMmap::from_ranges(&boot::layout::ram_regions(size))
-        .map_err(|source| Error::Memory { size, source })?;
+    let ranges = boot::layout::ram_regions(size);
+    let mem = if shared {
+        let file = Arc::new(memfd(size)?);
+        let mut offset = 0u64;
+        let with_files: Vec<_> = ranges
+            .iter()
+            .map(|&(addr, len)| {
+                let r = (addr, len, Some(FileOffset::from_arc(file.clone(), offset)));
+                offset += len as u64;
+                r
+            })
+            .collect();
+        GuestMemoryMmap::from_ranges_with_files(with_files)
+    } else {
+        GuestMemoryMmap::from_ranges(&ranges)
+    }
+    .map_err(|source| Error::Memory { size, source })?;
     for region in mem.iter() {
         keep_out_of_core_dumps(region)?;
     }
     Ok(Arc::new(mem))
+}
+
+/// A memfd of `size` bytes (sparse: pages are allocated as they are touched).
+fn memfd(size: u64) -> Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let io = |what| move |source| Error::Io { what, source };
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"podvmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io("creating shared guest memory (memfd_create)")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(io("sizing shared guest memory (ftruncate)"))?;
+    Ok(file)
 }
 
 /// The pod's memory is the tenant's data: a core dump of the VMM must not carry it (and it
@@ -103,9 +139,9 @@ mod tests {
 
     #[test]
     fn sizes_outside_limits_are_refused() {
-        let err = create(1 << 20).unwrap_err().to_string();
+        let err = create(1 << 20, false).unwrap_err().to_string();
         assert!(err.contains("minimum"), "{err}");
-        let err = create(1 << 50).unwrap_err().to_string();
+        let err = create(1 << 50, true).unwrap_err().to_string();
         assert!(err.contains("more than the host has"), "{err}");
     }
 
@@ -117,7 +153,7 @@ mod tests {
 
     #[test]
     fn guest_memory_stays_out_of_core_dumps() {
-        let mem = create(64 << 20).unwrap();
+        let mem = create(64 << 20, false).unwrap();
         let region = mem.iter().next().unwrap();
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -138,9 +174,38 @@ mod tests {
     fn large_guests_are_not_populated() {
         // 8 GiB of guest memory must not cost 8 GiB of host memory up front.
         let before = rss_kib();
-        let mem = create(8 << 30).unwrap();
+        let mem = create(8 << 30, false).unwrap();
         assert_eq!(mem.num_regions(), 2);
         let grown = rss_kib().saturating_sub(before);
         assert!(grown < 64 * 1024, "RSS grew by {grown} KiB");
+    }
+
+    #[test]
+    fn shared_memory_is_a_sparse_memfd_the_guest_writes_through() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        use vm_memory::{Bytes, GuestAddress};
+        let before = rss_kib();
+        let mem = create(8 << 30, true).unwrap();
+        assert!(
+            rss_kib().saturating_sub(before) < 64 * 1024,
+            "populated up front"
+        );
+        // Every region is the same memfd, at consecutive offsets.
+        let mut next = 0;
+        for region in mem.iter() {
+            let fo = region.file_offset().expect("a file-backed region");
+            assert_eq!(fo.start(), next);
+            next += region.len();
+        }
+        let fo = mem.iter().next().unwrap().file_offset().unwrap();
+        assert_eq!(fo.file().metadata().unwrap().len(), 8 << 30);
+        // What the guest writes, the descriptor (what a back-end maps) sees.
+        mem.write_slice(b"podvmm", GuestAddress(0x10_0000)).unwrap();
+        let mut buf = [0u8; 6];
+        fo.file().read_exact_at(&mut buf, 0x10_0000).unwrap();
+        assert_eq!(&buf, b"podvmm");
+        // Sparse: only the touched page is allocated.
+        let allocated = fo.file().metadata().unwrap().blocks() * 512;
+        assert!(allocated <= 1 << 20, "{allocated} bytes allocated");
     }
 }

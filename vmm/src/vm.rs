@@ -168,7 +168,7 @@ impl Vm {
                 hv.kind()
             )));
         }
-        let mem = memory::create(config.memory.size)?;
+        let mem = memory::create(config.memory.size, config.memory.shared)?;
         let vm = hv.create_vm()?;
         memory::map_into(vm.as_ref(), &mem)?;
 
