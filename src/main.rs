@@ -121,6 +121,21 @@ impl Cli {
         }
     }
 
+    /// The files this process writes besides the VM's own: no VM may use them.
+    fn process_outputs(&self) -> Vec<vmm::outputs::Named> {
+        let mut v = Vec::new();
+        if let Some(p) = &self.event_monitor {
+            v.push(("event monitor".to_string(), p.clone()));
+        }
+        if let Some(p) = &self.log_file {
+            v.push(("log file".to_string(), p.clone()));
+        }
+        if let Some(p) = &self.api_socket {
+            v.push(("API socket".to_string(), p.clone()));
+        }
+        v
+    }
+
     /// Which sizes were given on the command line (they win over --pod-limits).
     fn explicit(&self) -> Explicit {
         Explicit {
@@ -138,6 +153,13 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Agent(args)) = &cli.command {
         return agent_cmd::run(args);
+    }
+    // Nothing is opened for writing before it is known that no output is one of the VM's
+    // inputs (a --serial file= naming the disk image would truncate it) or another output.
+    let process_outputs = cli.process_outputs();
+    if let Err(e) = vmm::outputs::check(&cli.vm_config(), &process_outputs) {
+        eprintln!("podvmm: error: {e}");
+        return ExitCode::FAILURE;
     }
     if let Err(e) = logger::init(cli.verbose, cli.log_file.as_deref()) {
         eprintln!(
@@ -166,7 +188,7 @@ fn main() -> ExitCode {
             .kernel
             .is_some()
             .then(|| (cli.vm_config(), cli.explicit()));
-        return serve::run(socket, initial, cli.hypervisor);
+        return serve::run(socket, initial, cli.hypervisor, process_outputs);
     }
     if let Err(e) = seccomp::apply(seccomp::ThreadKind::Vmm) {
         eprintln!("podvmm: error: {e}");

@@ -16,7 +16,12 @@ use api::VmConfig;
 use hypervisor::Selection;
 use vmm::control::Vmm;
 
-pub fn run(socket: &Path, initial: Option<(VmConfig, Explicit)>, selection: Selection) -> ExitCode {
+pub fn run(
+    socket: &Path,
+    initial: Option<(VmConfig, Explicit)>,
+    selection: Selection,
+    process_outputs: Vec<vmm::outputs::Named>,
+) -> ExitCode {
     let (channel, mailbox) = match api::control::channel() {
         Ok(c) => c,
         Err(e) => return fail(&format!("creating the API mailbox: {e}")),
@@ -37,6 +42,7 @@ pub fn run(socket: &Path, initial: Option<(VmConfig, Explicit)>, selection: Sele
             return fail(&e.to_string());
         }
     };
+    vmm.set_process_outputs(process_outputs);
     if let Some((config, explicit)) = initial {
         let create = ApiRequest::VmCreate(Box::new(CreateVm {
             config,

@@ -18,6 +18,9 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
     let dir = TempDir::new("api-badcfg");
     let kernel = dir.write("tiny.elf", &pvh_elf(&hold_guest_code()));
     let k = path_str(&kernel);
+    let disk_data: Vec<u8> = (0..8192u32).map(|i| (i * 3) as u8).collect();
+    let disk = dir.write("disk.img", &disk_data);
+    let disk = path_str(&disk);
     let server = Server::start(&dir, &[]);
     let cases: Vec<(String, u16, &str)> = vec![
         // Malformed JSON, and JSON that is not an object.
@@ -37,10 +40,39 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
         ),
         // Cloud Hypervisor fields asking for what podvmm does not do.
         (
-            json!({"payload": {"kernel": k}, "memory": {"size": 1u64 << 30, "shared": true}})
+            json!({"payload": {"kernel": k}, "memory": {"size": 1u64 << 30, "hugepages": true}})
                 .to_string(),
             400,
-            "memory.shared",
+            "memory.hugepages",
+        ),
+        // An output on an input: refused before anything is written.
+        (
+            json!({"payload": {"kernel": k}, "disks": [{"path": disk, "readonly": true}],
+                   "serial": {"mode": "File", "file": disk}})
+            .to_string(),
+            400,
+            "podvmm would overwrite it",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "serial": {"mode": "File", "file": k}}).to_string(),
+            400,
+            "is the VM's kernel",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "serial": {"mode": "File", "file": &server.socket}})
+                .to_string(),
+            400,
+            "API socket",
+        ),
+        (
+            json!({"payload": {"kernel": k}, "memory": {"size": 17825793}}).to_string(),
+            400,
+            "multiple of 4 KiB",
+        ),
+        (
+            json!({"payload": {"kernel": "/dev/zero"}}).to_string(),
+            400,
+            "character device",
         ),
         (
             json!({"payload": {"kernel": k}, "fs": [{"tag": "t", "socket": "/s"}]}).to_string(),
@@ -182,6 +214,7 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
         // Nothing was created.
         server.refused("GET", "vm.info", None, 404);
     }
+    assert_eq!(std::fs::read(&disk).unwrap(), disk_data, "the disk changed");
     // Wrong-state calls with no VM: 404 with a message.
     for ep in [
         "vm.boot",

@@ -166,6 +166,42 @@ fn expect_usage_error(args: &[&str]) -> String {
 }
 
 #[test]
+fn no_output_ever_overwrites_an_input() {
+    let dir = TempDir::new("outputs");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&pvh_guest_code()));
+    let k = path_str(&kernel);
+    let disk = dir.path("disk.img");
+    let data: Vec<u8> = (0..65536u32).map(|i| i as u8).collect();
+    std::fs::write(&disk, &data).unwrap();
+    let d = format!("path={},readonly=on", path_str(&disk));
+    let on_disk = format!("file={}", path_str(&disk));
+    let on_kernel = format!("path={}", k);
+    for args in [
+        vec!["--kernel", k, "--disk", &d, "--serial", &on_disk],
+        vec!["--kernel", k, "--disk", &d, "--event-monitor", &on_kernel],
+        vec!["--kernel", k, "--disk", &d, "--log-file", path_str(&disk)],
+    ] {
+        let err = expect_error(&args);
+        assert!(err.contains("podvmm would overwrite it"), "{args:?}: {err}");
+        assert_eq!(
+            std::fs::read(&disk).unwrap(),
+            data,
+            "{args:?}: the disk changed"
+        );
+        assert_eq!(
+            std::fs::read(&kernel).unwrap(),
+            pvh_elf(&pvh_guest_code()),
+            "{args:?}: the kernel changed"
+        );
+    }
+    // Two outputs on one file.
+    let log = format!("file={}", path_str(&dir.path("same")));
+    let ev = format!("path={}", path_str(&dir.path("same")));
+    let err = expect_error(&["--kernel", k, "--serial", &log, "--event-monitor", &ev]);
+    assert!(err.contains("are the same file"), "{err}");
+}
+
+#[test]
 fn bad_kernels_are_refused_cleanly() {
     let dir = TempDir::new("badk");
     let missing = dir.path("missing");
@@ -174,7 +210,28 @@ fn bad_kernels_are_refused_cleanly() {
     let text = dir.write("text", b"this is not a kernel\n");
     assert!(expect_error(&["--kernel", path_str(&text)]).contains("neither an ELF"));
     let empty = dir.write("empty", b"");
-    assert!(expect_error(&["--kernel", path_str(&empty)]).contains("neither an ELF"));
+    assert!(expect_error(&["--kernel", path_str(&empty)]).contains("is empty"));
+    // Not a regular file: refused at once from the descriptor, never waited on or read.
+    let fifo = dir.path("fifo");
+    let c = std::ffi::CString::new(path_str(&fifo)).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert!(expect_error(&["--kernel", path_str(&fifo)]).contains("is a FIFO"));
+    assert!(expect_error(&["--kernel", "/dev/zero"]).contains("character device"));
+    let good = dir.write("good.elf", &pvh_elf(&pvh_guest_code()));
+    assert!(
+        expect_error(&["--kernel", path_str(&good), "--initramfs", path_str(&fifo)])
+            .contains("is a FIFO")
+    );
+    // A 20 GiB sparse "kernel" is refused from its size, without being read.
+    let huge = dir.path("huge");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(20 << 30)
+        .unwrap();
+    let t = std::time::Instant::now();
+    assert!(expect_error(&["--kernel", path_str(&huge)]).contains("podvmm takes at most"));
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
     // An ELF header cut short.
     let elf = pvh_elf(&pvh_guest_code());
     let cut = dir.write("cut.elf", &elf[..40]);

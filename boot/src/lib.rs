@@ -6,11 +6,13 @@
 //! registers). No firmware is involved.
 
 pub mod cpuid;
+pub mod input;
 pub mod layout;
 pub mod loader;
 pub mod mptable;
 pub mod regs;
 
+pub use input::{Input, InputError};
 pub use loader::{load_kernel, BootInfo, EntryMode, KernelSpec};
 
 use hypervisor::{CpuIdEntry, Vcpu};

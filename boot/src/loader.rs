@@ -80,8 +80,9 @@ pub struct BootInfo {
 
 /// What to boot.
 pub struct KernelSpec<'a> {
-    pub kernel: &'a Path,
-    pub initramfs: Option<&'a Path>,
+    /// Opened and checked (`Input::open`); read from its start whatever its offset.
+    pub kernel: &'a crate::Input,
+    pub initramfs: Option<&'a crate::Input>,
     pub cmdline: &'a str,
     pub num_cpus: u32,
     pub mem_size: u64,
@@ -120,7 +121,7 @@ enum Format {
     BzImage,
 }
 
-fn detect(file: &mut File, path: &Path) -> Result<Format> {
+fn detect(mut file: &File, path: &Path) -> Result<Format> {
     let open_err = |source| Error::OpenKernel {
         path: path.to_owned(),
         source,
@@ -139,7 +140,7 @@ fn detect(file: &mut File, path: &Path) -> Result<Format> {
     })
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_up_to(mut file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read(&mut buf[n..])? {
@@ -162,22 +163,18 @@ pub(crate) fn write_mem(
 
 /// Loads everything a boot needs into `mem` and returns where the boot vCPU starts.
 pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo> {
-    let path = spec.kernel;
-    let mut file = File::open(path).map_err(|source| Error::OpenKernel {
-        path: path.to_owned(),
-        source,
-    })?;
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(Error::OpenKernel {
+    let path = spec.kernel.path.as_path();
+    let mut file = &spec.kernel.file;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|source| Error::OpenKernel {
             path: path.to_owned(),
-            source: is_a_directory(),
-        });
-    }
+            source,
+        })?;
     let load_err = |source| Error::LoadKernel {
         path: path.to_owned(),
         source,
     };
-    let (boot, setup_header, kernel_end) = match detect(&mut file, path)? {
+    let (boot, setup_header, kernel_end) = match detect(file, path)? {
         Format::Elf => {
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
@@ -199,7 +196,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo>
                 .map_err(load_err)?;
             let mut header = vec![0u8; 0x268 - zp::SETUP_HEADER];
             file.seek(SeekFrom::Start(zp::SETUP_HEADER as u64))
-                .and_then(|_| read_up_to(&mut file, &mut header))
+                .and_then(|_| read_up_to(file, &mut header))
                 .map_err(|source| Error::OpenKernel {
                     path: path.to_owned(),
                     source,
@@ -244,9 +241,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo>
         None => u64::MAX,
     };
     let initrd = match spec.initramfs {
-        Some(p) => Some(load_initramfs(
+        Some(input) => Some(load_initramfs(
             mem,
-            p,
+            input,
             kernel_end,
             spec.mem_size,
             initrd_max,
@@ -264,10 +261,6 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo>
     Ok(boot)
 }
 
-fn is_a_directory() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory")
-}
-
 fn le_u32(b: &[u8], off: usize) -> u32 {
     b.get(off..off + 4)
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
@@ -278,26 +271,19 @@ fn le_u32(b: &[u8], off: usize) -> u32 {
 /// so it stays clear of the kernel's decompression area.
 fn load_initramfs(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    input: &crate::Input,
     kernel_end: u64,
     mem_size: u64,
     addr_max: u64,
 ) -> Result<(u64, u64)> {
-    let open_err = |source| Error::OpenInitramfs {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = File::open(path).map_err(open_err)?;
-    let meta = file.metadata().map_err(open_err)?;
-    if meta.is_dir() {
-        return Err(open_err(is_a_directory()));
-    }
-    let size = meta.len();
-    if size == 0 {
-        return Err(Error::EmptyInitramfs {
+    let path = input.path.as_path();
+    let size = input.size;
+    let mut file = &input.file;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|source| Error::OpenInitramfs {
             path: path.to_owned(),
-        });
-    }
+            source,
+        })?;
     let too_large = || Error::InitramfsTooLarge {
         path: path.to_owned(),
         size,

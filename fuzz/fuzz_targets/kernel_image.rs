@@ -36,8 +36,12 @@ fuzz_target!(|data: &[u8]| {
     // Guest memory pages are only touched where the loader writes.
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)])
         .expect("guest memory");
+    // The loader reads from the descriptor it is given (boot::Input, as the VMM opens it).
+    let Ok(input) = boot::Input::open("kernel", path, boot::input::MAX_KERNEL_SIZE) else {
+        return;
+    };
     let spec = KernelSpec {
-        kernel: path,
+        kernel: &input,
         initramfs: None,
         cmdline: "console=ttyS0 reboot=k",
         num_cpus: 1,

@@ -11,11 +11,8 @@
 //! `vm.delete` from any state → no VM.
 
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use api::control::{
@@ -57,6 +54,9 @@ struct Slot {
 
 pub struct Vmm {
     selection: Selection,
+    /// Files the process itself writes (API socket, event monitor, log file): no VM may
+    /// take one of them as an input or an output of its own.
+    process_outputs: Vec<crate::outputs::Named>,
     slot: Option<Slot>,
     epoll: Epoll,
 }
@@ -75,9 +75,15 @@ impl Vmm {
     pub fn new(selection: Selection) -> Result<Self, ControlError> {
         Ok(Vmm {
             selection,
+            process_outputs: Vec::new(),
             slot: None,
             epoll: Epoll::new().map_err(ControlError::Epoll)?,
         })
+    }
+
+    /// Files this process writes, which no VM's configuration may name.
+    pub fn set_process_outputs(&mut self, outputs: Vec<crate::outputs::Named>) {
+        self.process_outputs = outputs;
     }
 
     /// Serves `mailbox` until `vmm.shutdown`. The VM, if any, is torn down before returning.
@@ -172,6 +178,7 @@ impl Vmm {
         } = create;
         let sizing = pod::apply(&mut config, explicit).map_err(|e| bad(e.to_string()))?;
         check_config(&config)?;
+        crate::outputs::check(&config, &self.process_outputs).map_err(bad)?;
         let net_fds = config.net.iter().flatten().map(|_| Vec::new()).collect();
         self.slot = Some(Slot {
             config,
@@ -188,6 +195,7 @@ impl Vmm {
 
     fn boot(&mut self) -> Result<(), ApiError> {
         let selection = self.selection;
+        let process_outputs = self.process_outputs.clone();
         let slot = self.slot()?;
         match slot.state {
             VmState::Created | VmState::Shutdown => {}
@@ -196,22 +204,16 @@ impl Vmm {
                 return Err(conflict("the VM is paused (vm.resume it, or vm.shutdown)"))
             }
         }
-        let kernel = measure("payload.kernel", slot.config.payload.kernel.as_deref())?
-            .ok_or_else(|| bad("no kernel given (payload.kernel)"))?;
-        let initramfs = measure(
-            "payload.initramfs",
-            slot.config.payload.initramfs.as_deref(),
-        )?;
-        let mut vm = Vm::new(&slot.config, selection).map_err(boot_error)?;
-        for m in std::iter::once(&kernel).chain(initramfs.as_ref()) {
-            if !m.unchanged() {
-                return Err(conflict(format!(
-                    "{} {} changed while the VM was being built; boot again",
-                    m.what,
-                    m.path.display()
-                )));
-            }
-        }
+        // Files may have changed since vm.create (a symlink re-pointed): checked again before
+        // anything is opened for writing.
+        crate::outputs::check(&slot.config, &process_outputs).map_err(bad)?;
+        // Opened once, checked from the descriptors (no FIFO, no device, bounded sizes), and
+        // measured and loaded from them: the digests are of what the guest got.
+        let inputs = crate::BootInputs::open(&slot.config).map_err(boot_error)?;
+        let kernel_sha256 = digest(&inputs.kernel)?;
+        let initramfs_sha256 = inputs.initramfs.as_ref().map(digest).transpose()?;
+        let mut vm = Vm::new(&slot.config, selection, &inputs).map_err(boot_error)?;
+        drop(inputs);
         let cmdline = vm.cmdline().to_string();
         vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
         if let Err(e) = self.epoll.ctl(
@@ -224,8 +226,8 @@ impl Vmm {
         }
         let slot = self.slot()?;
         slot.digests = Some(BootDigests {
-            kernel_sha256: kernel.sha256,
-            initramfs_sha256: initramfs.map(|m| m.sha256),
+            kernel_sha256,
+            initramfs_sha256,
             cmdline_sha256: hex(&Sha256::digest(cmdline.as_bytes())),
             cmdline,
         });
@@ -522,8 +524,7 @@ fn check_config(config: &VmConfig) -> Result<(), ApiError> {
             )));
         }
     }
-    check_file("payload.kernel", config.payload.kernel.as_deref())?;
-    check_file("payload.initramfs", config.payload.initramfs.as_deref())?;
+    crate::BootInputs::open(config).map_err(|e| bad(e.to_string()))?;
     let mut ids = BTreeSet::new();
     for disk in config.disks.iter().flatten() {
         check_disk(disk)?;
@@ -547,22 +548,6 @@ fn check_config(config: &VmConfig) -> Result<(), ApiError> {
     if let Some(r) = &config.rng {
         check_rng(r)?;
     }
-    Ok(())
-}
-
-fn check_file(what: &str, path: Option<&Path>) -> Result<(), ApiError> {
-    let Some(path) = path else {
-        return Ok(());
-    };
-    let meta =
-        std::fs::metadata(path).map_err(|e| bad(format!("{what} {}: {e}", path.display())))?;
-    if !meta.is_file() {
-        return Err(bad(format!(
-            "{what} {}: not a regular file",
-            path.display()
-        )));
-    }
-    File::open(path).map_err(|e| bad(format!("{what} {}: {e}", path.display())))?;
     Ok(())
 }
 
@@ -754,57 +739,25 @@ fn check_tap(fd: &OwnedFd) -> Result<(), ApiError> {
 fn boot_error(e: Error) -> ApiError {
     let msg = format!("vm.boot: {e}");
     match e {
-        Error::Config(_) | Error::Limit(_) | Error::Boot(_) | Error::SerialFile { .. } => {
-            ApiError::BadRequest(msg)
-        }
+        Error::Config(_)
+        | Error::Limit(_)
+        | Error::Boot(_)
+        | Error::Input(_)
+        | Error::CmdlineTooLong { .. }
+        | Error::SerialFile { .. } => ApiError::BadRequest(msg),
         Error::Device(DeviceError::Block(_) | DeviceError::DiskOption { .. })
         | Error::Device(DeviceError::TooMany(_)) => ApiError::BadRequest(msg),
         _ => ApiError::Internal(msg),
     }
 }
 
-/// A file hashed for `vm.info`, and what identifies the version hashed.
-struct Measured {
-    what: &'static str,
-    path: PathBuf,
-    sha256: String,
-    identity: (u64, u64, u64, i64, i64),
-}
-
-fn identity(m: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
-    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
-}
-
-impl Measured {
-    /// Whether the path still names the same, unmodified file.
-    fn unchanged(&self) -> bool {
-        std::fs::metadata(&self.path).is_ok_and(|m| identity(&m) == self.identity)
-    }
-}
-
-fn measure(what: &'static str, path: Option<&Path>) -> Result<Option<Measured>, ApiError> {
-    let Some(path) = path else {
-        return Ok(None);
-    };
-    let fail = |e: io::Error| bad(format!("{what} {}: {e}", path.display()));
-    let mut file = File::open(path).map_err(fail)?;
-    let meta = file.metadata().map_err(fail)?;
+/// The SHA-256 of an input, read from its descriptor (bounded by the input's size limit).
+fn digest(input: &boot::Input) -> Result<String, ApiError> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(fail(e)),
-        }
-    }
-    Ok(Some(Measured {
-        what,
-        path: path.to_owned(),
-        sha256: hex(&hasher.finalize()),
-        identity: identity(&meta),
-    }))
+    input
+        .for_each_chunk(|c| hasher.update(c))
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(hex(&hasher.finalize()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -944,7 +897,7 @@ mod tests {
         assert_eq!(status(vmm.handle(vsock(3))), 200);
         assert_eq!(status(vmm.handle(vsock(4))), 409);
         // A descriptor that is not a TAP device.
-        let not_tap = File::open(&k).unwrap();
+        let not_tap = std::fs::File::open(&k).unwrap();
         let r = vmm.handle(ApiRequest::VmAddNet(Box::new(AddDevice {
             config: NetConfig::parse("mac=02:00:00:00:00:01").unwrap(),
             fds: vec![not_tap.into()],

@@ -12,6 +12,7 @@ mod emulation;
 pub mod event_monitor;
 mod guest_watch;
 mod memory;
+pub mod outputs;
 mod vcpu;
 mod vm;
 
@@ -40,6 +41,8 @@ pub enum Error {
     MapMemory(#[source] hypervisor::Error),
     #[error("{0}")]
     Boot(#[from] boot::loader::Error),
+    #[error("{0}")]
+    Input(#[from] boot::InputError),
     #[error(
         "kernel command line is {given} bytes; podvmm adds {added} bytes on this host ({what}), \
          which makes {} of the kernel's {max} (NUL included): shorten it by {}",
@@ -74,8 +77,37 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The guest's kernel and initramfs, opened once and checked (`boot::Input`): what is
+/// measured and what is loaded come from these descriptors.
+pub struct BootInputs {
+    pub kernel: boot::Input,
+    pub initramfs: Option<boot::Input>,
+}
+
+impl BootInputs {
+    pub fn open(config: &VmConfig) -> Result<Self> {
+        let kernel = config
+            .payload
+            .kernel
+            .as_deref()
+            .ok_or(api::ValidationError::NoKernel)?;
+        Ok(BootInputs {
+            kernel: boot::Input::open("kernel", kernel, boot::input::MAX_KERNEL_SIZE)?,
+            initramfs: config
+                .payload
+                .initramfs
+                .as_deref()
+                .map(|p| boot::Input::open("initramfs", p, boot::input::MAX_INITRAMFS_SIZE))
+                .transpose()?,
+        })
+    }
+}
+
 /// Builds the VM described by `config` and runs it to completion.
 pub fn run(config: &VmConfig, hypervisor: Selection) -> Result<ExitReason> {
-    let vm = Vm::new(config, hypervisor)?;
+    config.validate()?;
+    let inputs = BootInputs::open(config)?;
+    let vm = Vm::new(config, hypervisor, &inputs)?;
+    drop(inputs);
     vm.run()
 }

@@ -152,13 +152,12 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM: checks limits, maps memory, creates devices, loads the kernel and puts
     /// every vCPU in its boot state. Nothing runs yet.
-    pub fn new(config: &VmConfig, selection: Selection) -> Result<Self> {
+    pub fn new(
+        config: &VmConfig,
+        selection: Selection,
+        inputs: &crate::BootInputs,
+    ) -> Result<Self> {
         config.validate()?;
-        let kernel = config
-            .payload
-            .kernel
-            .as_deref()
-            .ok_or(api::ValidationError::NoKernel)?;
         let hv = hypervisor::new(selection)?;
         let num_cpus = config.cpus.boot_vcpus;
         let max = hv.max_vcpus().min(boot::mptable::MAX_CPUS);
@@ -244,8 +243,8 @@ impl Vm {
         let boot = boot::load_kernel(
             &mem,
             &KernelSpec {
-                kernel,
-                initramfs: config.payload.initramfs.as_deref(),
+                kernel: &inputs.kernel,
+                initramfs: inputs.initramfs.as_ref(),
                 cmdline: &cmdline,
                 num_cpus,
                 mem_size: config.memory.size,
