@@ -145,6 +145,15 @@ impl Cli {
     }
 }
 
+/// The end of a run cut short by SIGTERM or SIGINT: the guest has been stopped and the
+/// sockets removed by now; the status says which signal (128 + its number, as a shell does).
+pub(crate) fn terminated(sig: i32) -> ExitCode {
+    let name = vmm::signals::name(sig);
+    eprintln!("podvmm: stopped by {name}: the guest was stopped and podvmm's sockets removed");
+    vmm::event_monitor::emit("vmm", "shutdown", serde_json::json!({ "reason": name }));
+    ExitCode::from((128 + sig).clamp(0, 255) as u8)
+}
+
 fn main() -> ExitCode {
     vmm::event_monitor::mark_start();
     let cli = Cli::parse();
@@ -159,6 +168,11 @@ fn main() -> ExitCode {
     let process_outputs = cli.process_outputs();
     if let Err(e) = vmm::outputs::check(&cli.vm_config(), &process_outputs) {
         eprintln!("podvmm: error: {e}");
+        return ExitCode::FAILURE;
+    }
+    // Before any thread starts: every thread then has the handlers (a signal may land on any).
+    if let Err(e) = vmm::signals::install() {
+        eprintln!("podvmm: error: installing the SIGTERM/SIGINT handlers: {e}");
         return ExitCode::FAILURE;
     }
     if let Err(e) = logger::init(cli.verbose, cli.log_file.as_deref()) {
@@ -209,6 +223,7 @@ fn main() -> ExitCode {
             eprintln!("podvmm: guest stopped: {msg}");
             ExitCode::from(3)
         }
+        Ok(ExitReason::Terminated(sig)) => terminated(sig),
         Err(e) => {
             eprintln!("podvmm: error: {e}");
             ExitCode::FAILURE

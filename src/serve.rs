@@ -62,7 +62,8 @@ pub fn run(
     server.wait_answered(Duration::from_secs(2));
     server.remove_socket();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(sig)) => crate::terminated(sig),
         Err(e) => fail(&e.to_string()),
     }
 }

@@ -238,3 +238,83 @@ fn cli_mode_without_a_socket_still_exits_on_reset() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn sigterm_and_sigint_end_podvmm_cleanly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = TempDir::new("api-signals");
+    let kernel = dir.write("ticker.elf", &pvh_elf(&ticker_guest_code()));
+    let serial = dir.path("serial.log");
+    let vsock = dir.path("v.sock");
+    let events = dir.path("events.jsonl");
+    let k = path_str(&kernel);
+    let serial_arg = format!("file={}", path_str(&serial));
+    let vsock_arg = format!("cid=3,socket={}", path_str(&vsock));
+    let events_arg = format!("path={}", path_str(&events));
+    // The API server with a running VM, then SIGTERM.
+    let mut server = Server::start(
+        &dir,
+        &[
+            "--kernel",
+            k,
+            "--serial",
+            &serial_arg,
+            "--vsock",
+            &vsock_arg,
+            "--event-monitor",
+            &events_arg,
+        ],
+    );
+    wait_for_output(&serial, "012", Duration::from_secs(20));
+    assert!(vsock.exists());
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(
+        unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let status = server.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "{status:?}: {}",
+        server.stderr_text()
+    );
+    assert!(
+        status.signal().is_none(),
+        "killed by the signal instead of exiting"
+    );
+    assert!(!server.socket.exists(), "API socket left behind");
+    assert!(!vsock.exists(), "vsock socket left behind");
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"shutdown\"") && l.contains("SIGTERM")),
+        "{log}"
+    );
+    assert!(server.stderr_text().contains("stopped by SIGTERM"));
+
+    // The command line alone, then SIGINT.
+    let _ = std::fs::remove_file(&events);
+    let child = std::process::Command::new(podvmm_bin())
+        .args(["--kernel", k, "--serial", &serial_arg])
+        .args(["--vsock", &vsock_arg, "--event-monitor", &events_arg])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !vsock.exists() || read_lossy(&serial).len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{:?}", out.status);
+    assert!(!vsock.exists(), "vsock socket left behind");
+    let log = std::fs::read_to_string(&events).unwrap();
+    assert!(log.contains("SIGINT"), "{log}");
+}

@@ -31,6 +31,7 @@ use crate::{Error, ExitReason, Vm};
 
 const TOKEN_API: u64 = 0;
 const TOKEN_VM: u64 = 1;
+const TOKEN_SIGNAL: u64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -86,8 +87,9 @@ impl Vmm {
         self.process_outputs = outputs;
     }
 
-    /// Serves `mailbox` until `vmm.shutdown`. The VM, if any, is torn down before returning.
-    pub fn run(&mut self, mailbox: &VmmMailbox) -> Result<(), ControlError> {
+    /// Serves `mailbox` until `vmm.shutdown`, or a termination signal (`signals`: then the
+    /// answer is the signal's number). The VM, if any, is torn down before returning.
+    pub fn run(&mut self, mailbox: &VmmMailbox) -> Result<Option<i32>, ControlError> {
         self.epoll
             .ctl(
                 ControlOperation::Add,
@@ -95,6 +97,15 @@ impl Vmm {
                 EpollEvent::new(EventSet::IN, TOKEN_API),
             )
             .map_err(ControlError::Epoll)?;
+        if let Some(fd) = crate::signals::fd() {
+            self.epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_SIGNAL),
+                )
+                .map_err(ControlError::Epoll)?;
+        }
         let mut events = vec![EpollEvent::default(); 4];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -105,6 +116,14 @@ impl Vmm {
             for event in &events[..n] {
                 match event.data() {
                     TOKEN_VM => self.guest_stopped(),
+                    TOKEN_SIGNAL => {
+                        if let Some(sig) = crate::signals::received() {
+                            if let Some(slot) = self.slot.as_mut() {
+                                release(&self.epoll, slot);
+                            }
+                            return Ok(Some(sig));
+                        }
+                    }
                     _ => {
                         for message in mailbox.drain() {
                             let exit = matches!(message.request, ApiRequest::VmmShutdown);
@@ -113,7 +132,7 @@ impl Vmm {
                             // The client may have gone; the request is done either way.
                             let _ = message.reply.send(answer);
                             if exit {
-                                return Ok(());
+                                return Ok(None);
                             }
                         }
                     }
@@ -456,7 +475,7 @@ impl Vmm {
             return;
         };
         match &reason {
-            ExitReason::Reset | ExitReason::Shutdown => {}
+            ExitReason::Reset | ExitReason::Shutdown | ExitReason::Terminated(_) => {}
             ExitReason::TripleFault => eprintln!("podvmm: guest stopped: triple fault"),
             ExitReason::GuestError(msg) => eprintln!("podvmm: guest stopped: {msg}"),
         }
@@ -467,6 +486,7 @@ impl Vmm {
             ExitReason::Shutdown => "Shutdown".into(),
             ExitReason::TripleFault => "TripleFault".into(),
             ExitReason::GuestError(msg) => format!("GuestError: {msg}"),
+            ExitReason::Terminated(sig) => crate::signals::name(sig),
         });
     }
 }

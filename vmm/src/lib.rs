@@ -13,6 +13,7 @@ pub mod event_monitor;
 mod guest_watch;
 mod memory;
 pub mod outputs;
+pub mod signals;
 mod vcpu;
 mod vm;
 

@@ -28,6 +28,8 @@ pub enum ExitReason {
     Shutdown,
     /// The guest did something the VMM cannot continue from.
     GuestError(String),
+    /// podvmm was asked to stop (SIGTERM, SIGINT): the signal's number.
+    Terminated(i32),
 }
 
 /// Where vCPU threads and devices report that the VM must stop. The first reason wins.
@@ -55,15 +57,40 @@ impl ExitState {
     }
 
     /// Blocks until something asks the VM to stop. A bare wake-up comes from the i8042.
+    /// A termination signal (`signals`) ends the wait too.
     pub(crate) fn wait(&self) -> ExitReason {
+        use std::os::fd::AsRawFd;
+        let mut fds = vec![libc::pollfd {
+            fd: self.evt.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(fd) = crate::signals::fd() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         loop {
-            match self.evt.read() {
-                Ok(_) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return ExitReason::GuestError(format!("waiting for the VM: {e}")),
+            // SAFETY: `fds` is a valid array of pollfd of the length given.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return ExitReason::GuestError(format!("waiting for the VM: {e}"));
+            }
+            if let Some(sig) = crate::signals::received() {
+                return ExitReason::Terminated(sig);
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                // Readable: the counter is non-zero, so this does not block.
+                let _ = self.evt.read();
+                return self.reason_or_reset();
             }
         }
-        self.reason_or_reset()
     }
 
     /// After the exit event became readable and was consumed, without blocking: why the VM
