@@ -411,3 +411,64 @@ fn missing_dev_kvm_is_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn a_read_write_disk_belongs_to_one_vm() {
+    let dir = TempDir::new("locks");
+    // A guest that keeps running: `cli; hlt` after one port write.
+    let kernel = dir.write("halt.elf", &pvh_elf(&[0xe6, 0x80, 0xfa, 0xf4, 0xeb, 0xfd]));
+    let k = path_str(&kernel);
+    let disk = dir.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let rw = format!("path={}", path_str(&disk));
+    let ro = format!("path={},readonly=on", path_str(&disk));
+    let start = |d: &str| {
+        let mut c = std::process::Command::new(podvmm_bin())
+            .args([
+                "--kernel", k, "--memory", "size=64M", "--serial", "off", "--disk", d,
+            ])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(c.try_wait().unwrap().is_none(), "the first VM stopped");
+        c
+    };
+    let mut first = start(&rw);
+    // A second VM may neither write nor read what the first one writes; the error names it.
+    for d in [&rw, &ro] {
+        let err = expect_error(&["--kernel", k, "--memory", "size=64M", "--disk", d]);
+        assert!(err.contains("in use"), "{err}");
+        assert!(
+            err.contains(&format!("pid {} (podvmm)", first.id())),
+            "{err}"
+        );
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    // Read-only, the image is shared; a writer is then refused.
+    let mut a = start(&ro);
+    let mut b = start(&ro);
+    let err = expect_error(&["--kernel", k, "--memory", "size=64M", "--disk", &rw]);
+    assert!(err.contains("in use"), "{err}");
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // The same disk twice in one VM, and one id for two disks: refused.
+    let other = dir.path("other.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let err = expect_error(&["--kernel", k, "--disk", &rw, "--disk", &rw]);
+    assert!(err.contains("this VM (the image is given twice)"), "{err}");
+    let a = format!("path={},id=x", path_str(&disk));
+    let b = format!("path={},id=x", path_str(&other));
+    let err = expect_error(&["--kernel", k, "--disk", &a, "--disk", &b]);
+    assert!(err.contains("device id x is used twice"), "{err}");
+}

@@ -272,3 +272,39 @@ fn socket_removed_when_the_guest_stops() {
     );
     assert!(!socket.exists());
 }
+
+#[test]
+fn the_vsock_socket_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("vsock-umask");
+    let kernel = dir.write("halt.elf", &halt_guest());
+    let socket = dir.path("v.sock");
+    // umask 000 would leave a plain bind() with 0777.
+    let mut cmd = Command::new(podvmm_bin());
+    cmd.args([
+        "--kernel",
+        path_str(&kernel),
+        "--memory",
+        "size=64M",
+        "--serial",
+        "off",
+    ])
+    .args(["--vsock", &vsock_arg(&socket)])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    // SAFETY: umask(2) is async-signal-safe and touches nothing else in the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    wait_for("the vsock socket", Duration::from_secs(20), || {
+        socket.exists()
+    });
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(mode, 0o600, "{mode:o}");
+}

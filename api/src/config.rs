@@ -235,6 +235,8 @@ pub enum ValidationError {
     NoMemory,
     #[error("memory size {0} is not a multiple of 4 KiB (4096 bytes)")]
     MemoryAlignment(u64),
+    #[error("device id {0} is used twice")]
+    DuplicateId(String),
     #[error("console mode {0:?} is not supported (podvmm has no virtio-console; use off)")]
     Console(ConsoleOutputMode),
     #[error("serial mode File needs a file path")]
@@ -271,6 +273,19 @@ impl VmConfig {
         }
         if self.serial.mode == ConsoleOutputMode::File && self.serial.file.is_none() {
             return Err(ValidationError::SerialFile);
+        }
+        let ids = self
+            .disks
+            .iter()
+            .flatten()
+            .filter_map(|d| d.id.as_deref())
+            .chain(self.net.iter().flatten().filter_map(|n| n.id.as_deref()))
+            .chain(self.vsock.iter().filter_map(|v| v.id.as_deref()));
+        let mut seen = std::collections::BTreeSet::new();
+        for id in ids {
+            if !seen.insert(id) {
+                return Err(ValidationError::DuplicateId(id.to_string()));
+            }
         }
         Ok(())
     }

@@ -225,6 +225,8 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
                 // Shared guest memory (`memory.shared`): a memfd sized to the guest's RAM.
                 libc::SYS_memfd_create,
                 libc::SYS_ftruncate,
+                // Naming who holds a locked disk image: /proc/<pid>/fd listed.
+                libc::SYS_getdents64,
                 // Event loop and device plumbing.
                 libc::SYS_poll,
                 libc::SYS_epoll_create1,

@@ -572,27 +572,41 @@ fn check_config(config: &VmConfig) -> Result<(), ApiError> {
 }
 
 fn check_disk(disk: &DiskConfig) -> Result<(), ApiError> {
-    let path = &disk.path;
-    let meta = std::fs::metadata(path).map_err(|e| bad(format!("disk {}: {e}", path.display())))?;
-    let ft = std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type());
-    if !meta.is_file() && !ft {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let path = disk.path.display();
+    // Opened without blocking and checked from the descriptor: a FIFO is refused at once.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&disk.path)
+        .map_err(|e| bad(format!("disk {path}: {e}")))?;
+    let ft = file
+        .metadata()
+        .map_err(|e| bad(format!("disk {path}: {e}")))?
+        .file_type();
+    if !ft.is_file() && !ft.is_block_device() {
         return Err(bad(format!(
-            "disk {}: not a regular file or block device",
-            path.display()
+            "disk {path}: not a regular file or block device"
         )));
     }
-    check_image_type(disk)?;
+    // /proc files (e.g. /proc/self/mem) say they are regular files of 0 bytes.
+    let size =
+        devices::virtio::block::disk_size(&file).map_err(|e| bad(format!("disk {path}: {e}")))?;
+    if size < 512 {
+        return Err(bad(format!(
+            "disk {path} is {size} bytes: smaller than one 512-byte sector"
+        )));
+    }
+    check_image_type(disk, &file, size)?;
     if disk.num_queues == 0 || disk.num_queues > 64 {
         return Err(bad(format!(
-            "disk {}: num_queues must be 1 to 64, not {}",
-            path.display(),
+            "disk {path}: num_queues must be 1 to 64, not {}",
             disk.num_queues
         )));
     }
     if !disk.queue_size.is_power_of_two() {
         return Err(bad(format!(
-            "disk {}: queue_size must be a power of two, not {}",
-            path.display(),
+            "disk {path}: queue_size must be a power of two, not {}",
             disk.queue_size
         )));
     }
@@ -601,7 +615,7 @@ fn check_disk(disk: &DiskConfig) -> Result<(), ApiError> {
 
 /// podvmm serves raw images: other formats are refused by name, and an image of unknown type
 /// (Kata's Rust runtime says `Unknown`) is probed and refused if it is not raw.
-fn check_image_type(disk: &DiskConfig) -> Result<(), ApiError> {
+fn check_image_type(disk: &DiskConfig, file: &std::fs::File, size: u64) -> Result<(), ApiError> {
     let path = disk.path.display();
     match disk.image_type {
         ImageType::Raw => Ok(()),
@@ -609,25 +623,15 @@ fn check_image_type(disk: &DiskConfig) -> Result<(), ApiError> {
             "disk {path}: image_type {:?} is not supported: podvmm serves raw images only",
             disk.image_type
         ))),
-        ImageType::Unknown => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-                .open(&disk.path)
-                .map_err(|e| bad(format!("disk {path}: {e}")))?;
-            let size = devices::virtio::block::disk_size(&file)
-                .map_err(|e| bad(format!("disk {path}: {e}")))?;
-            match image::probe(&file, size) {
-                Ok(ImageFormat::Raw) => Ok(()),
-                Ok(other) => Err(bad(format!(
-                    "disk {path}: the image is {} (probed, image_type Unknown): podvmm serves raw \
-                     images only",
-                    other.name()
-                ))),
-                Err(e) => Err(bad(format!("disk {path}: probing its format: {e}"))),
-            }
-        }
+        ImageType::Unknown => match image::probe(file, size) {
+            Ok(ImageFormat::Raw) => Ok(()),
+            Ok(other) => Err(bad(format!(
+                "disk {path}: the image is {} (probed, image_type Unknown): podvmm serves raw \
+                 images only",
+                other.name()
+            ))),
+            Err(e) => Err(bad(format!("disk {path}: probing its format: {e}"))),
+        },
     }
 }
 

@@ -10,6 +10,7 @@ pub mod engine;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod image;
+mod lock;
 pub mod request;
 #[cfg(test)]
 mod tests;
@@ -60,6 +61,8 @@ pub enum BlockError {
     NotAFile(PathBuf),
     #[error("disk {0} is {1} bytes: smaller than one 512-byte sector")]
     Empty(PathBuf, u64),
+    #[error("disk {0}: {1}")]
+    Locked(PathBuf, String),
     #[error("disk {path}: num_queues must be 1 to {max}, not {got}")]
     Queues { path: PathBuf, got: u32, max: u32 },
 }
@@ -133,6 +136,7 @@ fn open_disk(cfg: &BlockConfig) -> Result<(File, u64), BlockError> {
     if size < SECTOR_SIZE {
         return Err(BlockError::Empty(path.clone(), size));
     }
+    lock::lock(&file, cfg.readonly).map_err(|e| BlockError::Locked(path.clone(), e))?;
     Ok((file, size))
 }
 

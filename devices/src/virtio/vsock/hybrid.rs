@@ -117,7 +117,7 @@ pub fn bind_listener(path: &Path) -> Result<(UnixListener, SocketId), HybridErro
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("inspecting the path")(e)),
     }
-    let listener = UnixListener::bind(path).map_err(io("binding"))?;
+    let listener = bind_private(path).map_err(io("binding"))?;
     listener
         .set_nonblocking(true)
         .map_err(io("setting O_NONBLOCK"))?;
@@ -129,6 +129,47 @@ pub fn bind_listener(path: &Path) -> Result<(UnixListener, SocketId), HybridErro
             ino: meta.ino(),
         },
     ))
+}
+
+/// Binds a listening Unix socket at `path` with mode 0600 whatever the umask: the socket's own
+/// mode is set before `bind`, which gives the file that mode, so the guest's host-side door is
+/// never open to other users, not even for a moment.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid (empty) address.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::other(
+            "the path does not fit a Unix socket address",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: fchmod, bind and listen on the descriptor we own, with a valid address and size.
+    unsafe {
+        if libc::fchmod(fd.as_raw_fd(), 0o600) < 0
+            || libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            ) < 0
+            || libc::listen(fd.as_raw_fd(), 128) < 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(UnixListener::from(fd))
 }
 
 /// Removes the socket at `path` if it is still the one identified by `id`.
