@@ -335,6 +335,7 @@ impl Vmm {
                 ("io_errors", &c.io_errors),
                 ("syncs", &c.syncs),
                 ("interrupts", &c.interrupts),
+                ("worker_failures", &*c.worker_failures),
             ];
             counters.insert(
                 disk.id.clone(),
@@ -358,6 +359,7 @@ impl Vmm {
                 ("rx_dropped", &c.rx_dropped),
                 ("rx_stalls", &c.rx_stalls),
                 ("ctrl_errors", &c.ctrl_errors),
+                ("worker_failures", &*c.worker_failures),
             ];
             counters.insert(
                 net.id.clone(),
@@ -373,6 +375,7 @@ impl Vmm {
                 ("requests", &c.requests),
                 ("invalid_requests", &c.invalid_requests),
                 ("source_errors", &c.source_errors),
+                ("worker_failures", &*c.worker_failures),
             ];
             counters.insert(
                 "rng".to_string(),

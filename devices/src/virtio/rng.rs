@@ -47,6 +47,8 @@ pub enum RngError {
 /// What the device did, for `vm.counters`.
 #[derive(Debug, Default)]
 pub struct RngCounters {
+    /// Workers that stopped on their own (an error or a panic): the device then needs a reset.
+    pub worker_failures: Arc<AtomicU64>,
     pub bytes: AtomicU64,
     pub requests: AtomicU64,
     /// Chains the driver got wrong.
@@ -133,6 +135,7 @@ impl VirtioDevice for Rng {
             return Err(ActivateError::BadQueue(0));
         };
         let kill = EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?;
+        let ctx_interrupt = ctx.interrupt.clone();
         let worker = Worker {
             queue,
             evt,
@@ -144,9 +147,12 @@ impl VirtioDevice for Rng {
             buf: vec![0; MAX_PER_CHAIN],
             broken: false,
         };
-        let handle = seccomp::spawn(
-            std::thread::Builder::new().name("rng".into()),
+        let handle = super::worker::spawn(
+            "rng".into(),
             seccomp::ThreadKind::Rng,
+            "rng".into(),
+            ctx_interrupt,
+            self.counters.worker_failures.clone(),
             move || worker.run(),
         )
         .map_err(io_err("spawning the rng worker"))?;
@@ -175,18 +181,16 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self) {
-        let Ok(epoll) = Epoll::new() else {
-            return self.interrupt.signal_needs_reset();
-        };
+    fn run(mut self) -> Result<(), String> {
+        let epoll = Epoll::new().map_err(|e| format!("creating its epoll: {e}"))?;
         for (fd, token) in [
             (self.evt.as_raw_fd(), TOKEN_QUEUE),
             (self.kill.as_raw_fd(), TOKEN_KILL),
         ] {
             let ev = EpollEvent::new(EventSet::IN, token);
-            if epoll.ctl(ControlOperation::Add, fd, ev).is_err() {
-                return self.interrupt.signal_needs_reset();
-            }
+            epoll
+                .ctl(ControlOperation::Add, fd, ev)
+                .map_err(|e| format!("watching its events: {e}"))?;
         }
         // Buffers may be waiting already (a driver that notified before we started).
         self.process();
@@ -195,11 +199,11 @@ impl Worker {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return self.interrupt.signal_needs_reset(),
+                Err(e) => return Err(format!("waiting for events: {e}")),
             };
             for e in &events[..n] {
                 match e.data() {
-                    TOKEN_KILL => return,
+                    TOKEN_KILL => return Ok(()),
                     _ => {
                         let _ = self.evt.read();
                         self.process();

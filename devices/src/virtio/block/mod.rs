@@ -94,6 +94,8 @@ pub struct BlockCounters {
     pub io_errors: AtomicU64,
     /// fdatasync calls that completed (each before its FLUSH reached the used ring).
     pub syncs: AtomicU64,
+    /// Workers that stopped on their own (an error or a panic): the device then needs a reset.
+    pub worker_failures: Arc<AtomicU64>,
     /// Interrupts raised for used buffers (fewer than completions when the driver's
     /// event index suppresses them).
     pub interrupts: AtomicU64,
@@ -307,9 +309,12 @@ impl Block {
                 },
                 self.counters.clone(),
             );
-            let handle = seccomp::spawn(
-                std::thread::Builder::new().name(format!("blk-{}-q{index}", self.cfg.id)),
+            let handle = super::worker::spawn(
+                format!("blk-{}-q{index}", self.cfg.id),
                 seccomp::ThreadKind::Block,
+                format!("disk {}", self.cfg.id),
+                ctx.interrupt.clone(),
+                self.counters.worker_failures.clone(),
                 move || worker.run(),
             )
             .map_err(io_err("spawning a disk worker"))?;
@@ -386,7 +391,9 @@ impl Worker {
         }
     }
 
-    fn run(mut self) {
+    /// Serves the queue until told to stop; an error it cannot go on from ends it early (the
+    /// spawner turns that into a device error).
+    fn run(mut self) -> Result<(), String> {
         // io_uring waits for the notify and kill eventfds itself (one system call submits,
         // sleeps and reaps); other engines leave the waiting to epoll.
         let native = self
@@ -396,7 +403,7 @@ impl Worker {
         match native {
             Ok(true) => self.run_native(),
             Ok(false) => self.run_epoll(),
-            Err(_) => self.interrupt.signal_needs_reset(),
+            Err(e) => Err(format!("watching its queue: {e}")),
         }
     }
 
@@ -407,18 +414,19 @@ impl Worker {
         self.engine.drain();
     }
 
-    fn run_native(mut self) {
+    fn run_native(mut self) -> Result<(), String> {
         // Requests may already be waiting (a driver that notified before we started).
         self.process_queue();
         let mut fired = Vec::with_capacity(2);
         loop {
             fired.clear();
-            if self.engine.wait(&mut fired).is_err() {
-                self.interrupt.signal_needs_reset();
-                return self.stop();
+            if let Err(e) = self.engine.wait(&mut fired) {
+                self.stop();
+                return Err(format!("waiting on its io_uring: {e}"));
             }
             if fired.contains(&TOKEN_KILL) {
-                return self.stop();
+                self.stop();
+                return Ok(());
             }
             if fired.contains(&TOKEN_QUEUE) {
                 let _ = self.queue_evt.read();
@@ -430,11 +438,8 @@ impl Worker {
         }
     }
 
-    fn run_epoll(mut self) {
-        let Ok(epoll) = Epoll::new() else {
-            self.interrupt.signal_needs_reset();
-            return;
-        };
+    fn run_epoll(mut self) -> Result<(), String> {
+        let epoll = Epoll::new().map_err(|e| format!("creating its epoll: {e}"))?;
         let mut fds = vec![
             (self.queue_evt.as_raw_fd(), TOKEN_QUEUE),
             (self.kill_evt.as_raw_fd(), TOKEN_KILL),
@@ -443,17 +448,13 @@ impl Worker {
             fds.push((fd, TOKEN_ENGINE));
         }
         for (fd, token) in fds {
-            if epoll
+            epoll
                 .ctl(
                     ControlOperation::Add,
                     fd,
                     EpollEvent::new(EventSet::IN, token),
                 )
-                .is_err()
-            {
-                self.interrupt.signal_needs_reset();
-                return;
-            }
+                .map_err(|e| format!("watching its events: {e}"))?;
         }
         let mut events = vec![EpollEvent::default(); 4];
         self.process_queue();
@@ -461,11 +462,17 @@ impl Worker {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) => {
+                    self.stop();
+                    return Err(format!("waiting for events: {e}"));
+                }
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_KILL => return self.stop(),
+                    TOKEN_KILL => {
+                        self.stop();
+                        return Ok(());
+                    }
                     TOKEN_QUEUE => {
                         let _ = self.queue_evt.read();
                         self.process_queue();

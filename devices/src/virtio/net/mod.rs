@@ -348,9 +348,12 @@ impl Net {
                 rx_need,
             });
             let side = side.take();
-            let handle = seccomp::spawn(
-                std::thread::Builder::new().name(format!("net-{}-q{index}", self.id)),
+            let handle = super::worker::spawn(
+                format!("net-{}-q{index}", self.id),
                 seccomp::ThreadKind::Net,
+                format!("net {}", self.id),
+                ctx.interrupt.clone(),
+                self.counters.worker_failures.clone(),
                 move || pair.run(events, side),
             )
             .map_err(io_err("spawning a network worker"))?;

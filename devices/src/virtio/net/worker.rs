@@ -51,6 +51,8 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 /// Per-device counters, shared by its queue pairs.
 #[derive(Debug, Default)]
 pub struct NetCounters {
+    /// Workers that stopped on their own (an error or a panic): the device then needs a reset.
+    pub worker_failures: Arc<AtomicU64>,
     pub rx_frames: AtomicU64,
     pub rx_bytes: AtomicU64,
     pub tx_frames: AtomicU64,
@@ -651,11 +653,14 @@ pub trait SideQueue: Send {
 
 impl QueuePair {
     /// The pair's thread: waits on the queues' notify events and the TAP, until `kill`.
-    pub fn run(mut self, ev: PairEvents, mut side: Option<Box<dyn SideQueue>>) {
-        let Ok(epoll) = Epoll::new() else {
-            self.interrupt.signal_needs_reset();
-            return;
-        };
+    /// Until `kill`; an error it cannot go on from ends it early (a device error, see
+    /// `virtio::worker`).
+    pub fn run(
+        mut self,
+        ev: PairEvents,
+        mut side: Option<Box<dyn SideQueue>>,
+    ) -> Result<(), String> {
+        let epoll = Epoll::new().map_err(|e| format!("creating its epoll: {e}"))?;
         let mut fds = vec![
             (ev.rx.as_raw_fd(), TOKEN_RX),
             (ev.tx.as_raw_fd(), TOKEN_TX),
@@ -666,15 +671,13 @@ impl QueuePair {
             fds.push((s.event().as_raw_fd(), TOKEN_CTRL));
         }
         for (fd, token) in fds {
-            let add = epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            );
-            if add.is_err() {
-                self.interrupt.signal_needs_reset();
-                return;
-            }
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(|e| format!("watching its events: {e}"))?;
         }
         let tap_fd = self.backend.fd();
         let mut tap_polled = false;
@@ -703,11 +706,11 @@ impl QueuePair {
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) => return Err(format!("waiting for events: {e}")),
             };
             for e in &events[..n] {
                 match e.data() {
-                    TOKEN_KILL => return,
+                    TOKEN_KILL => return Ok(()),
                     TOKEN_TX => {
                         let _ = ev.tx.read();
                         tx_pending = true;
