@@ -26,23 +26,19 @@ where
     F: FnOnce() -> Result<(), Failure> + Send + 'static,
 {
     let thread = name.clone();
-    seccomp::spawn(
-        std::thread::Builder::new().name(name),
-        kind,
-        move || {
-            let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-                Ok(Ok(())) => return,
-                Ok(Err(why)) => why,
-                Err(_) => "it panicked".to_string(),
-            };
-            failures.fetch_add(1, Ordering::Relaxed);
-            interrupt.signal_needs_reset();
-            eprintln!(
-                "podvmm: {device}: worker thread {thread} stopped: {why}; the device asks the \
+    seccomp::spawn(std::thread::Builder::new().name(name), kind, move || {
+        let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            Ok(Ok(())) => return,
+            Ok(Err(why)) => why,
+            Err(_) => "it panicked".to_string(),
+        };
+        failures.fetch_add(1, Ordering::Relaxed);
+        interrupt.signal_needs_reset();
+        eprintln!(
+            "podvmm: {device}: worker thread {thread} stopped: {why}; the device asks the \
                  guest for a reset, the VM goes on"
-            );
-        },
-    )
+        );
+    })
 }
 
 #[cfg(test)]
@@ -76,7 +72,11 @@ mod tests {
             .unwrap();
             let failed = name != "ends";
             assert_eq!(interrupt.needs_reset(), failed, "{name}");
-            assert_eq!(failures.load(Ordering::Relaxed), u64::from(failed), "{name}");
+            assert_eq!(
+                failures.load(Ordering::Relaxed),
+                u64::from(failed),
+                "{name}"
+            );
         }
     }
 }
