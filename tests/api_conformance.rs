@@ -13,7 +13,7 @@ mod api_support;
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -78,7 +78,7 @@ impl Drop for Bridge {
 }
 
 /// Starts the bridge on a free loopback port; returns it and the API's base URL.
-fn bridge(python: &PathBuf, socket: &std::path::Path) -> (Bridge, String) {
+fn bridge(python: &Path, socket: &Path) -> (Bridge, String) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -101,7 +101,7 @@ fn bridge(python: &PathBuf, socket: &std::path::Path) -> (Bridge, String) {
     (Bridge(child), format!("http://127.0.0.1:{port}/api/v1"))
 }
 
-fn schemathesis(python: &PathBuf, spec: &PathBuf, url: &str, paths: &[&str], seconds: u64) {
+fn schemathesis(python: &Path, spec: &Path, url: &str, paths: &[&str], seconds: u64) {
     let regex = format!(
         "^({})$",
         paths

@@ -214,7 +214,7 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
         // Nothing was created.
         server.refused("GET", "vm.info", None, 404);
     }
-    assert_eq!(std::fs::read(&disk).unwrap(), disk_data, "the disk changed");
+    assert_eq!(std::fs::read(disk).unwrap(), disk_data, "the disk changed");
     // Wrong-state calls with no VM: 404 with a message.
     for ep in [
         "vm.boot",

@@ -268,10 +268,8 @@ fn sigterm_and_sigint_end_podvmm_cleanly() {
     wait_for_output(&serial, "012", Duration::from_secs(20));
     assert!(vsock.exists());
     // SAFETY: kill(2) on our own child.
-    assert_eq!(
-        unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    let sent = unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(sent, 0);
     let status = server.wait_exit(Duration::from_secs(10));
     assert_eq!(
         status.code(),
@@ -311,7 +309,8 @@ fn sigterm_and_sigint_end_podvmm_cleanly() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let sent = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(sent, 0);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{:?}", out.status);
     assert!(!vsock.exists(), "vsock socket left behind");
