@@ -250,6 +250,36 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
         Some(r#"{"path":"/x","vhost_user":true}"#),
         400,
     );
+    // /proc files call themselves regular files of 0 bytes; a 6-byte image has no sector.
+    let msg = server.refused(
+        "PUT",
+        "vm.add-disk",
+        Some(r#"{"path":"/proc/self/mem"}"#),
+        400,
+    );
+    assert!(msg.contains("smaller than one 512-byte sector"), "{msg}");
+    let tiny = dir.write("tiny.img", b"abcdef");
+    let msg = server.refused(
+        "PUT",
+        "vm.add-disk",
+        Some(&json!({ "path": tiny }).to_string()),
+        400,
+    );
+    assert!(
+        msg.contains("is 6 bytes: smaller than one 512-byte sector"),
+        "{msg}"
+    );
+    // A qcow2 image, said to be Unknown: probed and refused by name.
+    let mut q = vec![0u8; 4096];
+    q[..4].copy_from_slice(b"QFI\xfb");
+    let qcow = dir.write("x.qcow2", &q);
+    let msg = server.refused(
+        "PUT",
+        "vm.add-disk",
+        Some(&json!({ "path": qcow, "image_type": "Unknown" }).to_string()),
+        400,
+    );
+    assert!(msg.contains("the image is qcow2"), "{msg}");
     server.refused(
         "PUT",
         "vm.add-net",

@@ -159,7 +159,12 @@ fn clear_nonblock(file: &File) -> std::io::Result<()> {
 /// The size in bytes of a disk image or block device (where `metadata().len()` is 0).
 pub fn disk_size(file: &File) -> std::io::Result<u64> {
     use std::io::{Seek, SeekFrom};
-    // Works for block devices too, where metadata().len() is 0.
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        // What the file system says (0 for /proc files, which cannot seek to their end).
+        return Ok(meta.len());
+    }
+    // A block device: its metadata says 0; its end is its size.
     let mut f = file;
     f.seek(SeekFrom::End(0))
 }
