@@ -81,7 +81,10 @@ fn kata_sequence_over_the_socket() {
     let ignored = info["ignored_fields"].as_array().unwrap();
     assert!(info["config"]["memory"]["hotplug_size"].is_u64(), "{info}");
     assert_eq!(info["config"]["cpus"]["max_phys_bits"], 46);
-    assert_eq!(info["config"]["rng"]["src"], "/dev/urandom", "virtio-rng is provided");
+    assert_eq!(
+        info["config"]["rng"]["src"], "/dev/urandom",
+        "virtio-rng is provided"
+    );
     for f in ["cpus.topology", "platform.num_pci_segments"] {
         assert!(ignored.contains(&json!(f)), "{f} not in {ignored:?}");
     }

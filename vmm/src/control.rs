@@ -812,7 +812,8 @@ mod tests {
     fn kernel_file() -> (tempfile::Dir, String) {
         let dir = tempfile::Dir::new("ctl");
         let k = dir.0.join("k");
-        std::fs::write(&k, b"not really a kernel").unwrap();
+        // Not really a kernel; a sector long, so it serves as a disk image too.
+        std::fs::write(&k, [0x5a; 4096]).unwrap();
         let s = k.display().to_string();
         (dir, s)
     }
