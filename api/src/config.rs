@@ -274,20 +274,23 @@ impl VmConfig {
         if self.serial.mode == ConsoleOutputMode::File && self.serial.file.is_none() {
             return Err(ValidationError::SerialFile);
         }
-        let ids = self
-            .disks
-            .iter()
-            .flatten()
-            .filter_map(|d| d.id.as_deref())
-            .chain(self.net.iter().flatten().filter_map(|n| n.id.as_deref()))
-            .chain(self.vsock.iter().filter_map(|v| v.id.as_deref()));
         let mut seen = std::collections::BTreeSet::new();
-        for id in ids {
+        for id in self.device_ids() {
             if !seen.insert(id) {
                 return Err(ValidationError::DuplicateId(id.to_string()));
             }
         }
         Ok(())
+    }
+
+    /// The ids given to devices (disks, NICs, vsock), in that order.
+    pub fn device_ids(&self) -> impl Iterator<Item = &str> {
+        self.disks
+            .iter()
+            .flatten()
+            .filter_map(|d| d.id.as_deref())
+            .chain(self.net.iter().flatten().filter_map(|n| n.id.as_deref()))
+            .chain(self.vsock.iter().filter_map(|v| v.id.as_deref()))
     }
 
     /// The command line the guest gets.

@@ -548,22 +548,12 @@ fn check_config(config: &VmConfig) -> Result<(), ApiError> {
         }
     }
     crate::BootInputs::open(config).map_err(|e| bad(e.to_string()))?;
-    let mut ids = BTreeSet::new();
+    // Unique ids: VmConfig::validate, above.
     for disk in config.disks.iter().flatten() {
         check_disk(disk)?;
-        if let Some(id) = &disk.id {
-            if !ids.insert(id.as_str()) {
-                return Err(conflict(format!("device id {id} is used twice")));
-            }
-        }
     }
     for net in config.net.iter().flatten() {
         check_net(net)?;
-        if let Some(id) = &net.id {
-            if !ids.insert(id.as_str()) {
-                return Err(conflict(format!("device id {id} is used twice")));
-            }
-        }
     }
     if let Some(v) = &config.vsock {
         check_vsock(v)?;
@@ -725,15 +715,7 @@ fn check_unique_id(config: &VmConfig, id: Option<&str>) -> Result<(), ApiError> 
     let Some(id) = id else {
         return Ok(());
     };
-    let taken = config
-        .disks
-        .iter()
-        .flatten()
-        .filter_map(|d| d.id.as_deref())
-        .chain(config.net.iter().flatten().filter_map(|n| n.id.as_deref()))
-        .chain(config.vsock.iter().filter_map(|v| v.id.as_deref()))
-        .any(|used| used == id);
-    if taken {
+    if config.device_ids().any(|used| used == id) {
         return Err(conflict(format!("device id {id} is already in use")));
     }
     Ok(())
