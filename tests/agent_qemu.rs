@@ -2,8 +2,8 @@
 //! pure software emulator (TCG, the kit's oracle, `docs/guest.md`) with the agent as PID 1
 //! (`rdinit=/sbin/podvmm-agent -- --console`), answering its protocol on the serial console.
 //!
-//! Under PVM podvmm cannot run guest user space, and QEMU here has no vsock backend
-//! (`/dev/vhost-vsock` is absent), so this checks the agent itself, not the vsock path: the
+//! It checks the agent itself, apart from podvmm (`tests/linux_agent.rs` covers the path to it
+//! over vsock; QEMU here has no vsock backend, `/dev/vhost-vsock` is absent): the
 //! static binary starts as init, mounts proc/sys/dev, runs commands, reads the guest's facts,
 //! and powers the VM off. Needs `qemu-system-x86_64` and the kit; says loudly when it cannot run.
 

@@ -3,12 +3,11 @@
 //! A shim may keep one connection for a pod's whole life (Kata's Rust runtime does), so a
 //! connection that has been served is never closed for being idle. Connections are bounded
 //! instead: when a new one arrives at the limit, the one that matters least makes room —
-//! first one that never began a request, then one stuck sending a request, then the
-//! connection idle the longest. A connection whose request the VMM is working on is never
-//! touched, nor one younger than [`GRACE`] that has not begun its request (it may be a client
-//! whose request is on its way: threads pick connections up in no set order). When nothing may
-//! make room, the newcomer is still let in, up to twice the limit; past that it is refused
-//! (503).
+//! first one that never began a request, then one stuck sending a request (each after a
+//! [`GRACE`]: a request may be on its way), and, at twice the limit, the connection idle the
+//! longest. A connection whose request the VMM is working on, or whose bytes wait unread (the
+//! server is behind, not the client: a loaded host), is never touched. When nothing may make
+//! room, the newcomer is still let in, up to twice the limit; past that it is refused (503).
 
 use std::collections::HashMap;
 use std::net::Shutdown;
@@ -79,25 +78,37 @@ impl Registry {
         let live = inner.conns.values().filter(|e| !e.evicted).count();
         if live >= self.max {
             let now = Instant::now();
-            // A fresh connection whose request is already waiting to be read is a client like
-            // any other, only not yet picked up by its thread: rank it as reading.
-            let rank = |e: &Entry| match e.phase {
-                Phase::Fresh if has_input(&e.stream) => Phase::Reading,
-                p => p,
-            };
-            // At the limit, only a connection that let its grace pass without a whole request
-            // makes room; at twice the limit, the longest idle one too, then any but a busy one.
+            // Bytes waiting unread mean the server is behind, not the client: such a
+            // connection is as busy as one with the VMM, and is never closed to make room. A
+            // connection waiting for its client (fresh and silent, or stuck part-way through a
+            // request) past its grace may go at the limit; at twice the limit, the longest idle
+            // one too.
+            // A connection its client has closed goes first (its thread has not noticed yet).
+            let input: Vec<(u64, Input)> = inner
+                .conns
+                .iter()
+                .filter(|(_, e)| !e.evicted)
+                .map(|(id, e)| (*id, input(&e.stream)))
+                .collect();
+            let of = |id: &u64| input.iter().find(|(i, _)| i == id).map(|(_, s)| *s);
+            let busy =
+                |id: &u64, e: &Entry| e.phase == Phase::Handling || of(id) == Some(Input::Waiting);
             let hard = live >= 2 * self.max;
             let victim = inner
                 .conns
                 .iter()
-                .filter(|(_, e)| !e.evicted && e.phase != Phase::Handling)
-                .filter(|(_, e)| {
-                    hard || (rank(e) != Phase::Idle && now.duration_since(e.since) >= GRACE)
+                .filter(|(id, e)| !e.evicted && !busy(id, e))
+                .filter(|(id, e)| match (of(id), e.phase) {
+                    (Some(Input::Closed), _) => true,
+                    (_, Phase::Fresh | Phase::Reading) => {
+                        hard || now.duration_since(e.since) >= GRACE
+                    }
+                    _ => hard,
                 })
-                .min_by_key(|(_, e)| {
+                .min_by_key(|(id, e)| {
+                    let closed = of(id) == Some(Input::Closed);
                     let stale = now.duration_since(e.since) >= GRACE;
-                    (!stale && rank(e) != Phase::Idle, rank(e), e.since)
+                    (!closed, e.phase == Phase::Idle || !stale, e.phase, e.since)
                 })
                 .map(|(id, _)| *id);
             match victim {
@@ -133,16 +144,38 @@ impl Registry {
     }
 }
 
-/// Whether bytes (or a hang-up) wait on `stream`, without waiting.
-fn has_input(stream: &UnixStream) -> bool {
+/// What waits on a connection, looked at without waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Input {
+    /// Nothing: the server waits for its client.
+    None,
+    /// Bytes the server has not read yet: the server is behind, not the client.
+    Waiting,
+    /// The client hung up.
+    Closed,
+}
+
+fn input(stream: &UnixStream) -> Input {
     use std::os::fd::AsRawFd;
-    let mut pfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local, without waiting; nothing is consumed.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            std::ptr::addr_of_mut!(byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
     };
-    // SAFETY: one valid pollfd, no wait.
-    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+    match n {
+        // Bytes first, even from a client that then half-closed: its request stands.
+        1.. => Input::Waiting,
+        0 => Input::Closed,
+        _ => match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Input::None,
+            _ => Input::Closed,
+        },
+    }
 }
 
 impl Ticket<'_> {
@@ -227,5 +260,27 @@ mod tests {
         assert!(r.admit(&n4).is_none());
         assert!(!closed(&mut busy_c) && !closed(&mut n2c));
         drop((t_busy, t_idle, t2, t3, tickets));
+    }
+
+    #[test]
+    fn a_hung_up_client_goes_first_and_a_waiting_request_is_never_closed() {
+        use std::io::Write;
+        let r = Registry::new(2);
+        // One connection with a request waiting unread (its thread is slow: a loaded host),
+        // one whose client hung up; both young.
+        let (waiting, mut waiting_c) = pair();
+        let (gone, gone_c) = pair();
+        let _t1 = r.admit(&waiting).unwrap();
+        let _t2 = r.admit(&gone).unwrap();
+        waiting_c
+            .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n")
+            .unwrap();
+        drop(gone_c);
+        let (n, _nc) = pair();
+        let _t3 = r.admit(&n).unwrap();
+        // The hung-up one was closed at once, grace or not; the waiting request was not.
+        assert_eq!(input(&gone), Input::Closed);
+        assert_eq!(r.live(), 2);
+        assert_eq!(input(&waiting), Input::Waiting);
     }
 }
