@@ -4,6 +4,8 @@
 //! not serve must answer 501. schemathesis speaks TCP, so a loopback bridge
 //! (`tests/conformance/bridge.py`) carries its connections to the API's Unix socket.
 //!
+//! The same runs against podvmm's own `api/openapi.yaml`, so that file stays true.
+//!
 //! The peer's file is not part of this repository: it is read from `PODVMM_PEER_SPEC`, or from
 //! `../shared/reference/peer-specs/cloud-hypervisor-v53.0.yaml` next to the checkout (where CI
 //! has it). The Python environment is made by `scripts/conformance-venv.sh` (once). Bounded:
@@ -194,6 +196,9 @@ fn podvmm_answers_as_cloud_hypervisors_openapi_file_says() {
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("conformance: {}", text.trim());
     assert!(out.status.success(), "{text}");
+    // And podvmm's own description of its API (api/openapi.yaml) stays true.
+    let own = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/api/openapi.yaml"));
+    schemathesis(&python, &own, &url, &rest, seconds / 4);
     // Through all that, the VMM is still there and ends cleanly.
     server.ok("GET", "vmm.ping", None);
     server.ok("PUT", "vmm.shutdown", None);
