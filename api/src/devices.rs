@@ -285,16 +285,26 @@ pub struct VsockConfig {
 /// Bounds of [`VsockConfig::connect_timeout`], in seconds.
 pub const VSOCK_CONNECT_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
 
+fn check_connect_timeout(t: u64) -> Result<(), String> {
+    if VSOCK_CONNECT_TIMEOUT_RANGE.contains(&t) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be {} to {} seconds",
+            VSOCK_CONNECT_TIMEOUT_RANGE.start(),
+            VSOCK_CONNECT_TIMEOUT_RANGE.end()
+        ))
+    }
+}
+
 impl VsockConfig {
     /// Checks what serde cannot: the hold time's range.
     pub fn validate(&self) -> Result<(), String> {
         match self.connect_timeout {
-            Some(t) if !VSOCK_CONNECT_TIMEOUT_RANGE.contains(&t) => Err(format!(
-                "vsock connect_timeout={t}: must be {} to {} seconds",
-                VSOCK_CONNECT_TIMEOUT_RANGE.start(),
-                VSOCK_CONNECT_TIMEOUT_RANGE.end()
-            )),
-            _ => Ok(()),
+            Some(t) => {
+                check_connect_timeout(t).map_err(|e| format!("vsock connect_timeout={t}: {e}"))
+            }
+            None => Ok(()),
         }
     }
 
@@ -316,14 +326,7 @@ impl VsockConfig {
             .ok_or_else(|| OptionError::Missing("socket".into()))?;
         let connect_timeout = m.parse_with("connect_timeout", |v| {
             let n: u64 = v.parse().map_err(|_| "expected seconds".to_string())?;
-            if !VSOCK_CONNECT_TIMEOUT_RANGE.contains(&n) {
-                return Err(format!(
-                    "must be {} to {} seconds",
-                    VSOCK_CONNECT_TIMEOUT_RANGE.start(),
-                    VSOCK_CONNECT_TIMEOUT_RANGE.end()
-                ));
-            }
-            Ok(n)
+            check_connect_timeout(n).map(|_| n)
         })?;
         Ok(VsockConfig {
             cid,

@@ -565,31 +565,11 @@ fn check_config(config: &VmConfig) -> Result<(), ApiError> {
 }
 
 fn check_disk(disk: &DiskConfig) -> Result<(), ApiError> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let path = disk.path.display();
-    // Opened without blocking and checked from the descriptor: a FIFO is refused at once.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&disk.path)
-        .map_err(|e| bad(format!("disk {path}: {e}")))?;
-    let ft = file
-        .metadata()
-        .map_err(|e| bad(format!("disk {path}: {e}")))?
-        .file_type();
-    if !ft.is_file() && !ft.is_block_device() {
-        return Err(bad(format!(
-            "disk {path}: not a regular file or block device"
-        )));
-    }
-    // /proc files (e.g. /proc/self/mem) say they are regular files of 0 bytes.
-    let size =
-        devices::virtio::block::disk_size(&file).map_err(|e| bad(format!("disk {path}: {e}")))?;
-    if size < 512 {
-        return Err(bad(format!(
-            "disk {path} is {size} bytes: smaller than one 512-byte sector"
-        )));
-    }
+    // The device's own checks (a regular file or block device of at least one sector, opened
+    // without blocking), read-only here: nothing is written or locked before boot.
+    let (file, size) = devices::virtio::block::open_checked(&disk.path, false, false)
+        .map_err(|e| bad(e.to_string()))?;
     check_image_type(disk, &file, size)?;
     if disk.num_queues == 0 || disk.num_queues > 64 {
         return Err(bad(format!(
@@ -698,17 +678,12 @@ fn check_vsock(v: &VsockConfig) -> Result<(), ApiError> {
     v.validate().map_err(bad)
 }
 
+/// The device's own check of its source (opened without blocking, a character device or a
+/// regular file); the device starts nothing until the guest's driver is up.
 fn check_rng(r: &api::RngConfig) -> Result<(), ApiError> {
-    use std::os::unix::fs::FileTypeExt;
-    let src = r.src.display();
-    let meta = std::fs::metadata(&r.src).map_err(|e| bad(format!("rng src {src}: {e}")))?;
-    let ft = meta.file_type();
-    if !(ft.is_char_device() || ft.is_file()) {
-        return Err(bad(format!(
-            "rng src {src}: not a character device or regular file"
-        )));
-    }
-    Ok(())
+    devices::virtio::rng::Rng::new(&r.src)
+        .map(drop)
+        .map_err(|e| bad(e.to_string()))
 }
 
 fn check_unique_id(config: &VmConfig, id: Option<&str>) -> Result<(), ApiError> {

@@ -83,34 +83,33 @@ impl Registry {
             // connection waiting for its client (fresh and silent, or stuck part-way through a
             // request) past its grace may go at the limit; at twice the limit, the longest idle
             // one too.
-            // A connection its client has closed goes first (its thread has not noticed yet).
-            let input: Vec<(u64, Input)> = inner
-                .conns
-                .iter()
-                .filter(|(_, e)| !e.evicted)
-                .map(|(id, e)| (*id, input(&e.stream)))
-                .collect();
-            let of = |id: &u64| input.iter().find(|(i, _)| i == id).map(|(_, s)| *s);
-            let busy =
-                |id: &u64, e: &Entry| e.phase == Phase::Handling || of(id) == Some(Input::Waiting);
+            // Each candidate's input is looked at once. A connection whose client closed goes
+            // first (its thread has not noticed yet); one busy (with the VMM, or with bytes
+            // waiting unread) is never a candidate.
             let hard = live >= 2 * self.max;
             let victim = inner
                 .conns
                 .iter()
-                .filter(|(id, e)| !e.evicted && !busy(id, e))
-                .filter(|(id, e)| match (of(id), e.phase) {
-                    (Some(Input::Closed), _) => true,
-                    (_, Phase::Fresh | Phase::Reading) => {
+                .filter(|(_, e)| !e.evicted && e.phase != Phase::Handling)
+                .map(|(id, e)| (*id, e, input(&e.stream)))
+                .filter(|(_, e, inp)| match (inp, e.phase) {
+                    (Input::Waiting, _) => false,
+                    (Input::Closed, _) => true,
+                    (Input::None, Phase::Fresh | Phase::Reading) => {
                         hard || now.duration_since(e.since) >= GRACE
                     }
-                    _ => hard,
+                    (Input::None, _) => hard,
                 })
-                .min_by_key(|(id, e)| {
-                    let closed = of(id) == Some(Input::Closed);
+                .min_by_key(|(_, e, inp)| {
                     let stale = now.duration_since(e.since) >= GRACE;
-                    (!closed, e.phase == Phase::Idle || !stale, e.phase, e.since)
+                    (
+                        *inp != Input::Closed,
+                        e.phase == Phase::Idle || !stale,
+                        e.phase,
+                        e.since,
+                    )
                 })
-                .map(|(id, _)| *id);
+                .map(|(id, _, _)| id);
             match victim {
                 Some(v) => {
                     if let Some(e) = inner.conns.get_mut(&v) {

@@ -110,19 +110,21 @@ pub struct Block {
     workers: Vec<(EventFd, JoinHandle<()>)>,
 }
 
-fn open_disk(cfg: &BlockConfig) -> Result<(File, u64), BlockError> {
-    let path = &cfg.path;
+/// Opens a disk image or block device and checks it from the descriptor: a regular file or
+/// block device of at least one sector. Returns it (blocking again) and its size in bytes.
+/// The device opens its disks this way, and the VMM checks a configuration's disks with it.
+pub fn open_checked(path: &Path, write: bool, direct: bool) -> Result<(File, u64), BlockError> {
     let err = |source| BlockError::Open {
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     };
     let mut opts = OpenOptions::new();
-    opts.read(true).write(!cfg.readonly);
+    opts.read(true).write(write);
     // O_NONBLOCK: a FIFO put where the disk was must not hang the open (it is refused below
     // from the descriptor itself, so a path swapped after a check cannot slip through); it
     // changes nothing for files and block devices.
     let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
-    if cfg.direct {
+    if direct {
         flags |= libc::O_DIRECT;
     }
     opts.custom_flags(flags);
@@ -130,15 +132,20 @@ fn open_disk(cfg: &BlockConfig) -> Result<(File, u64), BlockError> {
     let file = opts.open(path).map_err(err)?;
     let ft = file.metadata().map_err(err)?.file_type();
     if !(ft.is_file() || ft.is_block_device()) {
-        return Err(BlockError::NotAFile(path.clone()));
+        return Err(BlockError::NotAFile(path.to_owned()));
     }
     // Back to blocking: io_uring answers EAGAIN instead of waiting on an O_NONBLOCK file.
     clear_nonblock(&file).map_err(err)?;
     let size = disk_size(&file).map_err(err)?;
     if size < SECTOR_SIZE {
-        return Err(BlockError::Empty(path.clone(), size));
+        return Err(BlockError::Empty(path.to_owned(), size));
     }
-    lock::lock(&file, cfg.readonly).map_err(|e| BlockError::Locked(path.clone(), e))?;
+    Ok((file, size))
+}
+
+fn open_disk(cfg: &BlockConfig) -> Result<(File, u64), BlockError> {
+    let (file, size) = open_checked(&cfg.path, !cfg.readonly, cfg.direct)?;
+    lock::lock(&file, cfg.readonly).map_err(|e| BlockError::Locked(cfg.path.clone(), e))?;
     Ok((file, size))
 }
 
