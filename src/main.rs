@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use api::pod::Explicit;
 use api::{
-    ConsoleConfig, ContainerLimits, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig,
-    RngConfig, VmConfig, VsockConfig,
+    ConsoleConfig, ContainerLimits, CpusConfig, DiskConfig, FsConfig, MemoryConfig, NetConfig,
+    PayloadConfig, RngConfig, VmConfig, VsockConfig,
 };
 use clap::{Parser, Subcommand};
 use hypervisor::{HypervisorKind, Selection};
@@ -66,6 +66,11 @@ struct Cli {
     /// guest connections to host port N go to PATH_N (docs/vsock.md).
     #[arg(long, value_name = "cid=N,socket=PATH", requires = "kernel", value_parser = |s: &str| VsockConfig::parse(s).map_err(|e| e.to_string()))]
     vsock: Option<VsockConfig>,
+    /// A virtio-fs share served by a running vhost-user back-end (virtiofsd):
+    /// tag=NAME,socket=PATH[,num_queues=N][,queue_size=N][,id=NAME] (repeatable). Needs
+    /// --memory ...,shared=on. The guest mounts it with `mount -t virtiofs NAME DIR`.
+    #[arg(long, value_name = "tag=NAME,socket=PATH", requires = "kernel", value_parser = |s: &str| FsConfig::parse(s).map_err(|e| e.to_string()))]
+    fs: Vec<FsConfig>,
     /// A virtio-rng device (the guest's /dev/hwrng) filled from src=PATH, e.g. /dev/urandom.
     #[arg(long, value_name = "src=PATH", requires = "kernel", value_parser = |s: &str| RngConfig::parse(s).map_err(|e| e.to_string()))]
     rng: Option<RngConfig>,
@@ -114,6 +119,7 @@ impl Cli {
             disks: (!self.disk.is_empty()).then(|| self.disk.clone()),
             net: (!self.net.is_empty()).then(|| self.net.clone()),
             vsock: self.vsock.clone(),
+            fs: (!self.fs.is_empty()).then(|| self.fs.clone()),
             rng: self.rng.clone(),
             pod: (!self.pod_limits.is_empty()).then(|| api::PodConfig {
                 containers: self.pod_limits.clone(),

@@ -13,7 +13,7 @@
 //!   `memory.hotplug_size`, a NIC's offload flags...) is dropped whatever its value, and its
 //!   path is listed in `vm.info`'s `ignored_fields`;
 //! - a Cloud Hypervisor field that asks for something podvmm does not do (`memory.hugepages:
-//!   true`, `fs: [...]`, `iommu: true`...) is a 400 that names the field and says why;
+//!   true`, `pmem: [...]`, `iommu: true`...) is a 400 that names the field and says why;
 //! - anything else stays and is refused by the type (`unknown field`), a 400.
 
 use std::collections::BTreeSet;
@@ -22,7 +22,7 @@ use serde::de::{self, Deserialize, Deserializer, Visitor};
 use serde_json::{Map, Value};
 
 use crate::{ConsoleConfig, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig};
-use crate::{RngConfig, VmConfig, VsockConfig};
+use crate::{FsConfig, RngConfig, VmConfig, VsockConfig};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompatError {
@@ -111,7 +111,6 @@ const VM_RULES: &[Rule] = &[
     ),
     rule("balloon", Null, Ignore),
     rule("platform", Null, Walk(PLATFORM_RULES)),
-    rule("fs", EmptyList, Reject("virtio-fs is not supported yet")),
     rule("pmem", EmptyList, Reject("virtio-pmem is not supported")),
     rule(
         "devices",
@@ -307,6 +306,11 @@ const RNG_RULES: &[Rule] = &[
     rule("pci_device_id", Null, Ignore),
 ];
 
+const FS_RULES: &[Rule] = &[
+    rule("pci_segment", Null, Ignore),
+    rule("pci_device_id", Null, Ignore),
+];
+
 const VSOCK_RULES: &[Rule] = &[
     rule("iommu", False, Reject(NO_IOMMU)),
     rule("pci_segment", Null, Ignore),
@@ -453,6 +457,7 @@ pub fn clean_vm_config(v: &mut Value) -> Result<BTreeSet<String>, CompatError> {
     }
     clean_list::<DiskConfig>(obj.get_mut("disks"), "disks", DISK_RULES, &mut ignored)?;
     clean_list::<NetConfig>(obj.get_mut("net"), "net", NET_RULES, &mut ignored)?;
+    clean_list::<FsConfig>(obj.get_mut("fs"), "fs", FS_RULES, &mut ignored)?;
     if let Some(v) = obj.get_mut("vsock") {
         clean_object::<VsockConfig>(v, "vsock", VSOCK_RULES, &mut ignored)?;
     }
@@ -473,6 +478,13 @@ pub fn clean_disk(v: &mut Value) -> Result<BTreeSet<String>, CompatError> {
 pub fn clean_net(v: &mut Value) -> Result<BTreeSet<String>, CompatError> {
     let mut ignored = BTreeSet::new();
     clean_object::<NetConfig>(v, "net", NET_RULES, &mut ignored)?;
+    Ok(ignored)
+}
+
+/// Prepares a `vm.add-fs` body.
+pub fn clean_fs(v: &mut Value) -> Result<BTreeSet<String>, CompatError> {
+    let mut ignored = BTreeSet::new();
+    clean_object::<FsConfig>(v, "fs", FS_RULES, &mut ignored)?;
     Ok(ignored)
 }
 
@@ -556,7 +568,7 @@ mod tests {
                 r#"{"payload":{},"memory":{"size":1,"hugepages":true}}"#,
                 "memory.hugepages",
             ),
-            (r#"{"payload":{},"fs":[{"tag":"x"}]}"#, "fs"),
+            (r#"{"payload":{},"pmem":[{"file":"x"}]}"#, "pmem"),
             (r#"{"payload":{},"iommu":true}"#, "iommu"),
             (r#"{"payload":{},"platform":{"tdx":true}}"#, "platform.tdx"),
             (r#"{"payload":{"firmware":"/fw"}}"#, "payload.firmware"),

@@ -215,6 +215,9 @@ pub struct VmConfig {
     pub net: Option<Vec<crate::NetConfig>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<crate::VsockConfig>,
+    /// virtio-fs shares, each served by a vhost-user back-end (needs `memory.shared`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<Vec<crate::FsConfig>>,
     /// virtio-rng: the guest's `/dev/hwrng`, filled from `src`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<crate::RngConfig>,
@@ -241,6 +244,15 @@ pub enum ValidationError {
     Console(ConsoleOutputMode),
     #[error("serial mode File needs a file path")]
     SerialFile,
+    #[error("{0}")]
+    Fs(String),
+    #[error("fs tag {0} is used twice")]
+    DuplicateTag(String),
+    #[error(
+        "fs {0}: a vhost-user back-end maps guest memory, so it must be shared: set \
+         memory.shared=true (--memory shared=on)"
+    )]
+    FsNeedsSharedMemory(String),
 }
 
 impl VmConfig {
@@ -274,6 +286,16 @@ impl VmConfig {
         if self.serial.mode == ConsoleOutputMode::File && self.serial.file.is_none() {
             return Err(ValidationError::SerialFile);
         }
+        let mut tags = std::collections::BTreeSet::new();
+        for fs in self.fs.iter().flatten() {
+            fs.validate().map_err(ValidationError::Fs)?;
+            if !tags.insert(fs.tag.as_str()) {
+                return Err(ValidationError::DuplicateTag(fs.tag.clone()));
+            }
+            if !self.memory.shared {
+                return Err(ValidationError::FsNeedsSharedMemory(fs.tag.clone()));
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for id in self.device_ids() {
             if !seen.insert(id) {
@@ -283,7 +305,7 @@ impl VmConfig {
         Ok(())
     }
 
-    /// The ids given to devices (disks, NICs, vsock), in that order.
+    /// The ids given to devices (disks, NICs, vsock, shares), in that order.
     pub fn device_ids(&self) -> impl Iterator<Item = &str> {
         self.disks
             .iter()
@@ -291,6 +313,7 @@ impl VmConfig {
             .filter_map(|d| d.id.as_deref())
             .chain(self.net.iter().flatten().filter_map(|n| n.id.as_deref()))
             .chain(self.vsock.iter().filter_map(|v| v.id.as_deref()))
+            .chain(self.fs.iter().flatten().filter_map(|f| f.id.as_deref()))
     }
 
     /// The command line the guest gets.

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::pod::{Explicit, Sizing};
-use crate::{DiskConfig, NetConfig, VmConfig, VsockConfig};
+use crate::{DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 
 /// A `vm.create`: the configuration, which of its sizes were given explicitly (they win
 /// over the pod rule), and the Cloud Hypervisor fields that were ignored.
@@ -50,6 +50,7 @@ pub enum ApiRequest {
     VmAddDisk(Box<AddDevice<DiskConfig>>),
     VmAddNet(Box<AddDevice<NetConfig>>),
     VmAddVsock(Box<AddDevice<VsockConfig>>),
+    VmAddFs(Box<AddDevice<FsConfig>>),
     VmResize(VmResize),
 }
 
@@ -70,6 +71,7 @@ impl ApiRequest {
             ApiRequest::VmAddDisk(_) => "vm.add-disk",
             ApiRequest::VmAddNet(_) => "vm.add-net",
             ApiRequest::VmAddVsock(_) => "vm.add-vsock",
+            ApiRequest::VmAddFs(_) => "vm.add-fs",
             ApiRequest::VmResize(_) => "vm.resize",
         }
     }
@@ -98,7 +100,7 @@ pub struct VmResize {
     pub desired_balloon: Option<u64>,
 }
 
-/// What `vm.add-disk`, `vm.add-net` and `vm.add-vsock` answer: Cloud Hypervisor's
+/// What `vm.add-disk`, `vm.add-net`, `vm.add-vsock` and `vm.add-fs` answer: Cloud Hypervisor's
 /// `PciDeviceInfo`. podvmm's devices are virtio-mmio, not PCI: `bdf` is `0000:00:NN.0` with
 /// NN the device's virtio-mmio slot (the guest's `virtio-mmio.NN`), in the form clients
 /// expect; it names no PCI device.

@@ -337,6 +337,89 @@ impl VsockConfig {
     }
 }
 
+/// `fs`: a virtio-fs device served by a vhost-user back-end (virtiofsd) listening on `socket`.
+/// Cloud Hypervisor's `FsConfig`: `num_queues` counts the request queues (the device has one
+/// high-priority queue besides).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// What the guest mounts: `mount -t virtiofs TAG DIR`. 1 to 36 bytes.
+    pub tag: String,
+    pub socket: PathBuf,
+    #[serde(default = "default_one")]
+    pub num_queues: u32,
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+fn default_fs_queue_size() -> u16 {
+    1024
+}
+
+/// Longest tag (`struct virtio_fs_config`).
+pub const FS_TAG_MAX: usize = 36;
+/// Most request queues of one virtio-fs device.
+pub const FS_MAX_QUEUES: u32 = 64;
+
+impl FsConfig {
+    /// Checks what serde cannot: the tag's length, the queue numbers.
+    pub fn validate(&self) -> Result<(), String> {
+        let tag = &self.tag;
+        if tag.is_empty() || tag.len() > FS_TAG_MAX || tag.contains('\0') {
+            return Err(format!(
+                "fs tag {tag:?}: must be 1 to {FS_TAG_MAX} bytes without NUL, not {}",
+                tag.len()
+            ));
+        }
+        if !(1..=FS_MAX_QUEUES).contains(&self.num_queues) {
+            return Err(format!(
+                "fs {tag}: num_queues must be 1 to {FS_MAX_QUEUES}, not {}",
+                self.num_queues
+            ));
+        }
+        if !self.queue_size.is_power_of_two() {
+            return Err(format!(
+                "fs {tag}: queue_size must be a power of two, not {}",
+                self.queue_size
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(format!("fs {tag}: socket path is empty"));
+        }
+        Ok(())
+    }
+
+    /// `tag=NAME,socket=PATH[,num_queues=N][,queue_size=N][,id=NAME]` (Cloud Hypervisor's
+    /// `--fs`).
+    pub fn parse(s: &str) -> Result<Self, OptionError> {
+        let m = OptionMap::parse(s, &["tag", "socket", "num_queues", "queue_size", "id"])?;
+        let tag = m
+            .get("tag")
+            .ok_or_else(|| OptionError::Missing("tag".into()))?;
+        let socket = m
+            .get("socket")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| OptionError::Missing("socket".into()))?;
+        let fs = FsConfig {
+            tag: tag.to_string(),
+            socket: PathBuf::from(socket),
+            num_queues: m.parse_with("num_queues", parse_count)?.unwrap_or(1),
+            queue_size: m
+                .parse_with("queue_size", parse_queue_size)?
+                .unwrap_or(default_fs_queue_size()),
+            id: m.get("id").map(str::to_string),
+        };
+        fs.validate().map_err(|reason| OptionError::InvalidValue {
+            key: "fs".into(),
+            value: s.to_string(),
+            reason,
+        })?;
+        Ok(fs)
+    }
+}
+
 /// `rng`: a virtio-rng device whose buffers are filled from `src`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

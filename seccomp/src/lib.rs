@@ -86,6 +86,9 @@ pub enum ThreadKind {
     Vsock,
     /// The virtio-rng worker: reads the entropy source into guest buffers.
     Rng,
+    /// A virtio-fs device's thread: relays the vhost-user back-end's interrupts, watches its
+    /// socket, answers requests itself once the back-end is gone.
+    Fs,
     /// Copies the terminal to the serial port.
     Stdin,
     /// Starts every other thread (see [`spawn`]).
@@ -93,7 +96,7 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
@@ -101,6 +104,7 @@ impl ThreadKind {
         ThreadKind::Net,
         ThreadKind::Vsock,
         ThreadKind::Rng,
+        ThreadKind::Fs,
         ThreadKind::Stdin,
         ThreadKind::Spawner,
     ];
@@ -114,6 +118,7 @@ impl ThreadKind {
             ThreadKind::Net => "net",
             ThreadKind::Vsock => "vsock",
             ThreadKind::Rng => "rng",
+            ThreadKind::Fs => "fs",
             ThreadKind::Stdin => "stdin",
             ThreadKind::Spawner => "spawner",
         }

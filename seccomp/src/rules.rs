@@ -237,6 +237,9 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
                 // the same way, by the spawner).
                 libc::SYS_io_uring_setup,
                 libc::SYS_io_uring_register,
+                // A virtio-fs back-end's negotiation (vhost-user, at vm.boot).
+                libc::SYS_sendmsg,
+                libc::SYS_recvmsg,
                 // vsock's listening socket.
                 libc::SYS_bind,
                 libc::SYS_listen,
@@ -323,6 +326,17 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
         // Reads the entropy source (the base set's read) and waits on its queue.
         ThreadKind::Rng => {
             b.allow(&[
+                libc::SYS_epoll_create1,
+                libc::SYS_epoll_ctl,
+                libc::SYS_epoll_wait,
+            ]);
+        }
+        // vhost-user messages (with descriptors) to the back-end: the vrings at activation,
+        // their return at a reset; and its event loop.
+        ThreadKind::Fs => {
+            b.allow(&[
+                libc::SYS_sendmsg,
+                libc::SYS_recvmsg,
                 libc::SYS_epoll_create1,
                 libc::SYS_epoll_ctl,
                 libc::SYS_epoll_wait,

@@ -20,7 +20,7 @@ use api::control::{
     PciDeviceInfo, PingInfo, VmInfo, VmResize, VmState, VmmMailbox,
 };
 use api::pod::{self, Sizing};
-use api::{DiskConfig, ImageType, NetConfig, VmConfig, VsockConfig};
+use api::{DiskConfig, FsConfig, ImageType, NetConfig, VmConfig, VsockConfig};
 use devices::virtio::block::image::{self, ImageFormat};
 use hypervisor::Selection;
 use sha2::{Digest, Sha256};
@@ -168,6 +168,7 @@ impl Vmm {
             ApiRequest::VmAddDisk(add) => self.add_disk(*add).map(ApiReply::Device),
             ApiRequest::VmAddNet(add) => self.add_net(*add).map(ApiReply::Device),
             ApiRequest::VmAddVsock(add) => self.add_vsock(*add).map(ApiReply::Device),
+            ApiRequest::VmAddFs(add) => self.add_fs(*add).map(ApiReply::Device),
             ApiRequest::VmResize(r) => self.resize(r).map(|_| ApiReply::Empty),
         }
     }
@@ -369,6 +370,16 @@ impl Vmm {
                     .collect(),
             );
         }
+        for fs in &vm.devices().fs {
+            counters.insert(
+                fs.id.clone(),
+                fs.counters
+                    .snapshot()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            );
+        }
         if let Some(c) = &vm.devices().rng {
             let entries = [
                 ("bytes", &c.bytes),
@@ -467,6 +478,32 @@ impl Vmm {
         Ok(device_info(&slot.config, DeviceKind::Vsock))
     }
 
+    fn add_fs(&mut self, add: AddDevice<FsConfig>) -> Result<PciDeviceInfo, ApiError> {
+        let slot = self.cold_slot("a virtio-fs device")?;
+        check_unique_id(&slot.config, add.config.id.as_deref())?;
+        if slot
+            .config
+            .fs
+            .iter()
+            .flatten()
+            .any(|f| f.tag == add.config.tag)
+        {
+            return Err(conflict(format!(
+                "fs tag {} is already in use",
+                add.config.tag
+            )));
+        }
+        let mut config = slot.config.clone();
+        config.fs.get_or_insert_with(Vec::new).push(add.config);
+        config.validate().map_err(|e| bad(e.to_string()))?;
+        for fs in config.fs.iter().flatten() {
+            check_fs(fs)?;
+        }
+        slot.config = config;
+        slot.ignored.extend(add.ignored);
+        Ok(device_info(&slot.config, DeviceKind::Fs))
+    }
+
     /// The guest stopped by itself (reset, power-off, crash): the VM moves to Shutdown.
     fn guest_stopped(&mut self) {
         let Some(slot) = self.slot.as_mut() else {
@@ -561,7 +598,29 @@ fn check_config(config: &VmConfig) -> Result<(), ApiError> {
     if let Some(r) = &config.rng {
         check_rng(r)?;
     }
+    for fs in config.fs.iter().flatten() {
+        check_fs(fs)?;
+    }
     Ok(())
+}
+
+/// The back-end must be listening already (Kata starts virtiofsd before `vm.create`); it is
+/// connected to at `vm.boot`, which fails with the reason if it is no vhost-user back-end.
+fn check_fs(fs: &FsConfig) -> Result<(), ApiError> {
+    use std::os::unix::fs::FileTypeExt;
+    let path = fs.socket.display();
+    match std::fs::metadata(&fs.socket) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(_) => Err(bad(format!(
+            "fs {}: {path} is not a Unix socket (the vhost-user back-end's, e.g. virtiofsd \
+             --socket-path)",
+            fs.tag
+        ))),
+        Err(e) => Err(bad(format!(
+            "fs {}: socket {path}: {e} (start the vhost-user back-end, e.g. virtiofsd, first)",
+            fs.tag
+        ))),
+    }
 }
 
 fn check_disk(disk: &DiskConfig) -> Result<(), ApiError> {
@@ -613,11 +672,12 @@ enum DeviceKind {
     Disk,
     Net,
     Vsock,
+    Fs,
 }
 
 /// The answer to an add: the last device of `kind` in `config`, its id (the default one if
 /// none was given, as the device manager names it) and its virtio-mmio slot, in the order the
-/// device manager wires devices (disks, then nets, then vsock).
+/// device manager wires devices (disks, then nets, then vsock, then shares).
 fn device_info(config: &VmConfig, kind: DeviceKind) -> PciDeviceInfo {
     let disks = config.disks.as_deref().unwrap_or_default();
     let nets = config.net.as_deref().unwrap_or_default();
@@ -637,6 +697,15 @@ fn device_info(config: &VmConfig, kind: DeviceKind) -> PciDeviceInfo {
             (
                 disks.len() + nets.len(),
                 id.unwrap_or_else(|| "vsock".into()),
+            )
+        }
+        DeviceKind::Fs => {
+            let shares = config.fs.as_deref().unwrap_or_default();
+            let i = shares.len().saturating_sub(1);
+            let id = shares.last().and_then(|f| f.id.clone());
+            (
+                disks.len() + nets.len() + usize::from(config.vsock.is_some()) + i,
+                id.unwrap_or_else(|| format!("fs{i}")),
             )
         }
     };
@@ -729,7 +798,9 @@ fn boot_error(e: Error) -> ApiError {
         | Error::Input(_)
         | Error::CmdlineTooLong { .. }
         | Error::SerialFile { .. } => ApiError::BadRequest(msg),
-        Error::Device(DeviceError::Block(_) | DeviceError::DiskOption { .. })
+        Error::Device(
+            DeviceError::Block(_) | DeviceError::DiskOption { .. } | DeviceError::Fs(_),
+        )
         | Error::Device(DeviceError::TooMany(_)) => ApiError::BadRequest(msg),
         _ => ApiError::Internal(msg),
     }

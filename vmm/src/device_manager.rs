@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use api::{DiskConfig, NetConfig, VmConfig, VsockConfig};
+use api::{DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
 use devices::virtio::block::engine::EngineKind;
 use devices::virtio::block::{Block, BlockConfig, BlockCounters, BlockError};
 use devices::virtio::mmio::{MMIO_WINDOW, NOTIFY_OFFSET};
@@ -46,6 +46,8 @@ pub enum DeviceError {
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Rng(#[from] devices::virtio::rng::RngError),
+    #[error(transparent)]
+    Fs(#[from] devices::virtio::fs::FsError),
     #[error("vsock: only one vsock device per VM")]
     SecondVsock,
     #[error("net {id}: {what}")]
@@ -61,6 +63,12 @@ pub struct DiskInfo {
     pub id: String,
     pub engine: &'static str,
     pub counters: Arc<BlockCounters>,
+}
+
+/// A virtio-fs share as the VMM reports it.
+pub struct FsInfo {
+    pub id: String,
+    pub counters: Arc<devices::virtio::fs::FsCounters>,
 }
 
 /// A network interface as the VMM reports it.
@@ -79,6 +87,7 @@ pub struct DeviceManager {
     cmdline: Vec<String>,
     pub disks: Vec<DiskInfo>,
     pub nets: Vec<NetInfo>,
+    pub fs: Vec<FsInfo>,
     /// The vsock device: its socket (removed when this is dropped) and the agent's ready time.
     pub vsock: Option<VsockHandle>,
     /// The virtio-rng device's counters.
@@ -115,7 +124,17 @@ impl DeviceManager {
         if let Some(vsock) = &config.vsock {
             dm.add_vsock(vm, mem, mmio, vsock)?;
         }
-        // Last: the slots of disks, nets and vsock (what vm.add-* answered) stay as they were.
+        for (i, fs) in config.fs.iter().flatten().enumerate() {
+            let device =
+                devices::virtio::fs::Fs::new(fs_config(fs, i)).map_err(DeviceError::from)?;
+            dm.fs.push(FsInfo {
+                id: device.config().id.clone(),
+                counters: device.counters(),
+            });
+            dm.add(vm, mem, mmio, Box::new(device))?;
+        }
+        // Last: the slots of disks, nets, vsock and shares (what vm.add-* answered) stay as
+        // they were.
         if let Some(rng) = &config.rng {
             let device = devices::virtio::rng::Rng::new(&rng.src).map_err(DeviceError::from)?;
             dm.rng = Some(device.counters());
@@ -317,4 +336,16 @@ fn net_config(net: &NetConfig, index: usize) -> Result<NetDeviceConfig> {
         queue_size: net.queue_size,
         deny,
     })
+}
+
+/// The device's view of a share: ids default to `fs0`, `fs1`... as `vm.add-fs` answered.
+fn fs_config(fs: &FsConfig, index: usize) -> devices::virtio::fs::FsConfig {
+    devices::virtio::fs::FsConfig {
+        id: fs.id.clone().unwrap_or_else(|| format!("fs{index}")),
+        tag: fs.tag.clone(),
+        socket: fs.socket.clone(),
+        // Checked by VmConfig::validate (1 to 64); the device checks again.
+        request_queues: u16::try_from(fs.num_queues).unwrap_or(0),
+        queue_size: fs.queue_size,
+    }
 }

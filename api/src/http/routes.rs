@@ -42,6 +42,7 @@ const ENDPOINTS: &[(&str, Method)] = &[
     ("vm.add-disk", Method::Put),
     ("vm.add-net", Method::Put),
     ("vm.add-vsock", Method::Put),
+    ("vm.add-fs", Method::Put),
     ("vm.resize", Method::Put),
 ];
 
@@ -284,6 +285,14 @@ fn to_api_request(mut request: Request) -> Result<ApiRequest, Refusal> {
                 ignored,
             }))
         }
+        "vm.add-fs" => {
+            let (config, ignored) = device(name, "FsConfig", body, compat::clean_fs)?;
+            ApiRequest::VmAddFs(Box::new(AddDevice {
+                config,
+                fds: Vec::new(),
+                ignored,
+            }))
+        }
         // ENDPOINTS and this match list the same names.
         other => {
             return Err(Refusal {
@@ -360,6 +369,7 @@ mod tests {
                 "vm.add-disk" => r#"{"path":"/d"}"#,
                 "vm.add-net" => r#"{"tap":"t0"}"#,
                 "vm.add-vsock" => r#"{"cid":3,"socket":"/s"}"#,
+                "vm.add-fs" => r#"{"tag":"t","socket":"/s"}"#,
                 "vm.resize" => r#"{"desired_vcpus":1}"#,
                 _ => "",
             };

@@ -7,6 +7,7 @@
 //! interrupt `EventFd` as an irqfd, so a request costs no exit to user space on the vCPU.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -42,6 +43,7 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
 
 /// Interrupt status bits (MMIO `InterruptStatus`).
 pub const INT_USED_RING: u32 = 1;
