@@ -11,6 +11,8 @@ PKGS=(
     iputils-arping  # ARP check of the guest in tests/net_linux.rs
     iputils-ping    # ICMP check of the guest in tests/net_linux.rs
     acl             # setfacl: /dev/kvm for an unprivileged user in tests/least_privilege.rs
+    libseccomp-dev  # building virtiofsd (below)
+    libcap-ng-dev   # building virtiofsd (below)
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -25,3 +27,13 @@ if ((${#missing[@]})); then
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (rustup) first" >&2; exit 1; }
 [[ -e /dev/kvm ]] || echo "setup: warning: /dev/kvm is missing; podvmm cannot run guests here" >&2
+
+# virtiofsd, the vhost-user back-end of virtio-fs that Kata starts for every pod: the Rust one,
+# from crates.io, built once into the cache (about a minute). Tests find it there, or at
+# $PODVMM_VIRTIOFSD.
+VIRTIOFSD_VERSION=1.14.0
+VIRTIOFSD_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/podvmm/virtiofsd-$VIRTIOFSD_VERSION"
+if [[ ! -x $VIRTIOFSD_ROOT/bin/virtiofsd ]]; then
+    echo "setup: building virtiofsd $VIRTIOFSD_VERSION into $VIRTIOFSD_ROOT"
+    cargo install --quiet --locked virtiofsd --version "$VIRTIOFSD_VERSION" --root "$VIRTIOFSD_ROOT"
+fi

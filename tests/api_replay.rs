@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use api_support::*;
+use common::virtiofsd::Virtiofsd;
 use common::*;
 use serde_json::Value;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -218,8 +219,8 @@ fn kata_go_runtime_drives_a_pod_from_start_to_stop() {
     let r = c.call("GET", "vmm.ping", None);
     assert_eq!(r.status, 200);
     assert!(r.json().unwrap()["version"].is_string());
-    // The default configuration shares files through virtio-fs: refused by name until podvmm
-    // has it; the client sees an error it can report.
+    // The default configuration shares files through virtio-fs: without its virtiofsd, a
+    // clear refusal the client can report.
     let r = c.call(
         "PUT",
         "vm.create",
@@ -227,12 +228,28 @@ fn kata_go_runtime_drives_a_pod_from_start_to_stop() {
     );
     assert_eq!(r.status, 400);
     let msg = String::from_utf8_lossy(&r.body).into_owned();
-    assert!(msg.contains("fs"), "{msg}");
-    // shared_fs = "none": accepted as sent.
-    let r = c.call("PUT", "vm.create", Some(&pod.body("go-create-nofs.json")));
+    assert!(
+        msg.contains("fs kataShared") && msg.contains("virtiofsd"),
+        "{msg}"
+    );
+    // Kata starts virtiofsd before vm.create: then the default body is accepted as sent.
+    let share = pod.dir.path("share");
+    std::fs::create_dir(&share).unwrap();
+    let _virtiofsd = Virtiofsd::start(
+        &share,
+        Path::new(&pod.fill[3].1),
+        &pod.dir.path("virtiofsd.log"),
+    );
+    let r = c.call(
+        "PUT",
+        "vm.create",
+        Some(&pod.body("go-create-default.json")),
+    );
     assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
     let info = c.call("GET", "vm.info", None).json().unwrap();
     assert_eq!(info["state"], "Created");
+    assert_eq!(info["config"]["fs"][0]["tag"], "kataShared");
+    assert_eq!(info["config"]["memory"]["shared"], true);
     assert_eq!(info["config"]["cpus"]["boot_vcpus"], 1);
     assert_eq!(info["config"]["cpus"]["max_vcpus"], 2);
     assert_eq!(info["config"]["memory"]["size"], 2u64 << 30);
@@ -408,7 +425,8 @@ fn kata_rust_runtime_keeps_one_connection_for_the_pods_life() {
     assert_eq!(code, 200);
     let ping: Value = serde_json::from_str(&body.expect("a body")).expect("JSON");
     assert!(ping["features"].is_array());
-    // The default configuration (virtio-fs) is refused by name, on the same connection.
+    // The default configuration (virtio-fs) without its virtiofsd: refused, saying why, on
+    // the same connection.
     let (code, body) = ch_call(
         &mut s,
         "PUT",
@@ -417,7 +435,7 @@ fn kata_rust_runtime_keeps_one_connection_for_the_pods_life() {
         &[],
     );
     assert_eq!(code, 400);
-    assert!(body.unwrap_or_default().contains("fs"));
+    assert!(body.unwrap_or_default().contains("virtiofsd"));
     // image_type "Unknown" is probed: a qcow2 image is refused, saying so.
     let qcow = pod.dir.path("image.qcow2");
     let mut q = vec![0u8; 4096];

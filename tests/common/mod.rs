@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 
 pub mod linux;
 pub mod testguest;
+pub mod virtiofsd;
 
 /// Where guests are loaded; the boot protocols require at least 1 MiB.
 pub const LOAD_ADDR: u64 = 0x10_0000;

@@ -52,6 +52,29 @@ pub fn take_over(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<(), String>
 /// Answers every available request of `queue` with `EIO`.
 pub fn answer_all(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Answered, String> {
     let mut done = Answered::default();
+    loop {
+        answer_available(queue, mem, &mut done)?;
+        // With VIRTIO_RING_F_EVENT_IDX the driver kicks only past the index the device last
+        // asked for (the back-end's, from before it died): ask for the next one, and serve
+        // what arrived meanwhile.
+        let more = queue
+            .enable_notification(mem)
+            .map_err(|e| format!("asking for notifications: {e:?}"))?;
+        if !more {
+            break;
+        }
+    }
+    done.notify = queue
+        .needs_notification(mem)
+        .map_err(|e| format!("reading the event index: {e:?}"))?;
+    Ok(done)
+}
+
+fn answer_available(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    done: &mut Answered,
+) -> Result<(), String> {
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
         let mut header = [0u8; IN_HEADER_LEN];
@@ -87,10 +110,7 @@ pub fn answer_all(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Answered, 
             .add_used(mem, head, len)
             .map_err(|e| format!("returning request {head}: {e:?}"))?;
     }
-    done.notify = queue
-        .needs_notification(mem)
-        .map_err(|e| format!("reading the event index: {e:?}"))?;
-    Ok(done)
+    Ok(())
 }
 
 fn write_error(mem: &GuestMemoryMmap, at: GuestAddress, unique: u64) -> u32 {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -124,7 +124,9 @@ impl Driver {
         let mut queues = Vec::new();
         let mut kicks = Vec::new();
         for r in &rings {
-            let q: Queue = r.create_queue().unwrap();
+            let mut q: Queue = r.create_queue().unwrap();
+            // As the transport does when the driver accepted it.
+            q.set_event_idx(true);
             let kick = EventFd::new(EFD_NONBLOCK).unwrap();
             kicks.push(kick.try_clone().unwrap());
             queues.push((q, kick));
@@ -134,7 +136,7 @@ impl Driver {
             mem: mem.clone(),
             queues,
             interrupt: interrupt.clone(),
-            acked_features: VIRTIO_F_VERSION_1,
+            acked_features: VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
         };
         let driver = Driver {
             mem,
@@ -202,6 +204,12 @@ impl Driver {
             u64::from_le_bytes(b[8..16].try_into().unwrap()),
             u64::from_le_bytes(b[16..24].try_into().unwrap()),
         )
+    }
+
+    /// The used ring's `avail_event`: the driver kicks again only once it passes it.
+    fn avail_event(&self, q: usize) -> u16 {
+        let at = self.rings[q].used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
+        self.mem.read_obj::<u16>(GuestAddress(at)).unwrap()
     }
 
     fn wait_used(&self, q: usize, n: u16) {
@@ -283,6 +291,10 @@ fn requests_go_through_the_backend_and_fail_with_eio_once_it_dies() {
     driver.wait_used(0, 1);
     assert_eq!(driver.reply(1, 3).1, -5);
     assert_eq!(driver.reply(0, 0).1, -5);
+    // The driver is asked to kick for its next request (event index), on both queues.
+    wait_for("the event index to move", || {
+        driver.avail_event(1) == 4 && driver.avail_event(0) == 1
+    });
     assert_eq!(counters.backend_lost.load(Ordering::Relaxed), 1);
     assert_eq!(counters.backend_connected.load(Ordering::Relaxed), 0);
     assert_eq!(counters.failed_requests.load(Ordering::Relaxed), 3);
