@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use api::client::{Client, Response};
-use api::{DiskConfig, NetConfig, VsockConfig};
+use api::{DiskConfig, FsConfig, NetConfig, VsockConfig};
 use clap::{Args, Subcommand};
 
 #[derive(Args, Debug)]
@@ -52,6 +52,8 @@ enum RemoteCommand {
     AddNet { spec: String },
     /// Add the vsock device before boot: cid=N,socket=PATH[,id=NAME].
     AddVsock { spec: String },
+    /// Add a virtio-fs share before boot: tag=NAME,socket=PATH[,num_queues=N][,queue_size=N][,id=NAME].
+    AddFs { spec: String },
 }
 
 fn fail(msg: &str) -> ExitCode {
@@ -93,6 +95,10 @@ fn request(cmd: &RemoteCommand) -> Result<(&'static str, &'static str, Option<Ve
         RemoteCommand::AddVsock { spec } => {
             let v = VsockConfig::parse(spec).map_err(|e| e.to_string())?;
             ("PUT", "vm.add-vsock", Some(json(serde_json::to_vec(&v))?))
+        }
+        RemoteCommand::AddFs { spec } => {
+            let f = FsConfig::parse(spec).map_err(|e| e.to_string())?;
+            ("PUT", "vm.add-fs", Some(json(serde_json::to_vec(&f))?))
         }
     })
 }

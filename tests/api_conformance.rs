@@ -38,6 +38,7 @@ const SERVED: &[&str] = &[
     "/vm.add-disk",
     "/vm.add-net",
     "/vm.add-vsock",
+    "/vm.add-fs",
 ];
 
 fn peer_spec() -> PathBuf {

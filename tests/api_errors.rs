@@ -468,3 +468,114 @@ fn abuse_of_a_running_vmm_leaves_the_guest_running() {
     let stderr = server.stderr_text();
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// virtio-fs mistakes: each a 4xx that names the share and says why, before anything is made;
+/// a socket that is no vhost-user back-end fails `vm.boot` the same way, and the VM stays
+/// Created with nothing started.
+#[test]
+fn virtio_fs_mistakes_are_refused_with_their_reason() {
+    use std::io::Read;
+    let dir = TempDir::new("api-fs");
+    let kernel = dir.write("tiny.elf", &pvh_elf(&hold_guest_code()));
+    let serial = dir.path("serial.log");
+    let server = Server::start(&dir, &[]);
+    // A listener that answers anything with bytes that are not vhost-user.
+    let fake = dir.path("not-vhost.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&fake).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let regular = dir.write("regular-file", b"x");
+    let mut base = vm_config(&kernel, "x", &serial);
+    base["memory"]["shared"] = json!(true);
+    let with_fs = |fs: serde_json::Value, shared: bool| {
+        let mut c = base.clone();
+        c["fs"] = fs;
+        c["memory"]["shared"] = json!(shared);
+        c.to_string()
+    };
+    let sock = path_str(&fake);
+    let cases = [
+        (
+            with_fs(json!([{"tag": "t".repeat(37), "socket": sock}]), true),
+            "1 to 36 bytes",
+        ),
+        (
+            with_fs(json!([{"tag": "", "socket": sock}]), true),
+            "1 to 36 bytes",
+        ),
+        (
+            with_fs(
+                json!([{"tag": "a", "socket": sock}, {"tag": "a", "socket": sock}]),
+                true,
+            ),
+            "fs tag a is used twice",
+        ),
+        (
+            with_fs(json!([{"tag": "a", "socket": sock}]), false),
+            "memory.shared=true",
+        ),
+        (
+            with_fs(json!([{"tag": "a", "socket": sock, "num_queues": 0}]), true),
+            "num_queues must be 1 to 64",
+        ),
+        (
+            with_fs(
+                json!([{"tag": "a", "socket": sock, "queue_size": 1000}]),
+                true,
+            ),
+            "power of two",
+        ),
+        (
+            with_fs(
+                json!([{"tag": "a", "socket": path_str(&dir.path("none.sock"))}]),
+                true,
+            ),
+            "start the vhost-user back-end",
+        ),
+        (
+            with_fs(json!([{"tag": "a", "socket": path_str(&regular)}]), true),
+            "is not a Unix socket",
+        ),
+    ];
+    for (body, needle) in &cases {
+        let msg = server.refused("PUT", "vm.create", Some(body), 400);
+        assert!(msg.contains(needle), "{body}: {msg}");
+        server.refused("GET", "vm.info", None, 404);
+    }
+    // vm.add-fs: the same checks, and a tag already in use is a conflict.
+    server.ok("PUT", "vm.create", Some(&base.to_string()));
+    let added = server.ok(
+        "PUT",
+        "vm.add-fs",
+        Some(&json!({"tag": "share", "socket": sock}).to_string()),
+    );
+    let added: serde_json::Value = serde_json::from_slice(&added.body).unwrap();
+    assert_eq!(added["id"], "fs0");
+    let msg = server.refused(
+        "PUT",
+        "vm.add-fs",
+        Some(&json!({"tag": "share", "socket": sock}).to_string()),
+        409,
+    );
+    assert!(msg.contains("already in use"), "{msg}");
+    server.refused(
+        "PUT",
+        "vm.add-fs",
+        Some(&json!({"tag": "x".repeat(40), "socket": sock}).to_string()),
+        400,
+    );
+    // Not a vhost-user back-end: vm.boot says which share and which step failed.
+    let msg = server.refused("PUT", "vm.boot", None, 400);
+    assert!(
+        msg.contains("fs fs0") && msg.contains("not-vhost.sock") && msg.contains("failed"),
+        "{msg}"
+    );
+    assert_eq!(server.state(), "Created");
+    server.ok("GET", "vmm.ping", None);
+}

@@ -12,7 +12,7 @@
 //! - a Cloud Hypervisor field podvmm can safely do without (`cpus.topology`, `rng`,
 //!   `memory.hotplug_size`, a NIC's offload flags...) is dropped whatever its value, and its
 //!   path is listed in `vm.info`'s `ignored_fields`;
-//! - a Cloud Hypervisor field that asks for something podvmm does not do (`memory.hugepages:
+//! - a Cloud Hypervisor field that asks for something podvmm does not do (`memory.prefault:
 //!   true`, `pmem: [...]`, `iommu: true`...) is a 400 that names the field and says why;
 //! - anything else stays and is refused by the type (`unknown field`), a 400.
 
@@ -239,12 +239,6 @@ const MEMORY_RULES: &[Rule] = &[
         False,
         Reject("KSM-merged guest memory is not supported"),
     ),
-    rule(
-        "hugepages",
-        False,
-        Reject("hugepage-backed guest memory is not supported"),
-    ),
-    rule("hugepage_size", Null, Ignore),
     rule(
         "prefault",
         False,
@@ -565,8 +559,8 @@ mod tests {
     fn features_we_lack_are_refused_by_name() {
         for (body, field) in [
             (
-                r#"{"payload":{},"memory":{"size":1,"hugepages":true}}"#,
-                "memory.hugepages",
+                r#"{"payload":{},"memory":{"size":1,"prefault":true}}"#,
+                "memory.prefault",
             ),
             (r#"{"payload":{},"pmem":[{"file":"x"}]}"#, "pmem"),
             (r#"{"payload":{},"iommu":true}"#, "iommu"),

@@ -91,6 +91,13 @@ pub struct MemoryConfig {
     /// still populated only as the guest touches it.
     #[serde(default)]
     pub shared: bool,
+    /// Back guest RAM with hugepages the host has reserved (hugetlbfs): reserved when the VM
+    /// is built, not as the guest touches it.
+    #[serde(default)]
+    pub hugepages: bool,
+    /// Bytes per hugepage (2 MiB or 1 GiB on x86); absent: the host's default size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepage_size: Option<u64>,
 }
 
 impl Default for MemoryConfig {
@@ -99,14 +106,20 @@ impl Default for MemoryConfig {
             size: DEFAULT_MEMORY_SIZE,
             hotplug_size: None,
             shared: false,
+            hugepages: false,
+            hugepage_size: None,
         }
     }
 }
 
+/// The hugepage sizes x86 hosts offer.
+pub const HUGEPAGE_SIZES: [u64; 2] = [2 << 20, 1 << 30];
+
 impl MemoryConfig {
-    /// `size=SIZE[,shared=on|off]` with a K/M/G/T suffix, e.g. `size=512M,shared=on`.
+    /// `size=SIZE[,shared=on|off][,hugepages=on|off][,hugepage_size=SIZE]` with a K/M/G/T
+    /// suffix, e.g. `size=512M,shared=on`.
     pub fn parse(s: &str) -> Result<Self, OptionError> {
-        let m = OptionMap::parse(s, &["size", "shared"])?;
+        let m = OptionMap::parse(s, &["size", "shared", "hugepages", "hugepage_size"])?;
         let size = m
             .parse_with("size", |v| {
                 parse_size(v).and_then(|n| match n {
@@ -115,17 +128,17 @@ impl MemoryConfig {
                 })
             })?
             .ok_or_else(|| OptionError::Missing("size".into()))?;
-        let shared = m
-            .parse_with("shared", |v| match v {
-                "on" | "true" => Ok(true),
-                "off" | "false" => Ok(false),
-                _ => Err("expected on or off".to_string()),
-            })?
-            .unwrap_or(false);
+        let on_off = |v: &str| match v {
+            "on" | "true" => Ok(true),
+            "off" | "false" => Ok(false),
+            _ => Err("expected on or off".to_string()),
+        };
         Ok(MemoryConfig {
             size,
             hotplug_size: None,
-            shared,
+            shared: m.parse_with("shared", on_off)?.unwrap_or(false),
+            hugepages: m.parse_with("hugepages", on_off)?.unwrap_or(false),
+            hugepage_size: m.parse_with("hugepage_size", parse_size)?,
         })
     }
 }
@@ -246,6 +259,12 @@ pub enum ValidationError {
     SerialFile,
     #[error("{0}")]
     Fs(String),
+    #[error("memory hugepage_size {0} needs hugepages=true")]
+    HugepageSizeAlone(u64),
+    #[error("memory hugepage_size {0} is not one x86 offers (2 MiB: 2097152, 1 GiB: 1073741824)")]
+    HugepageSize(u64),
+    #[error("memory size {size} is not a multiple of the hugepage size {page}")]
+    HugepageAlignment { size: u64, page: u64 },
     #[error("fs tag {0} is used twice")]
     DuplicateTag(String),
     #[error(
@@ -285,6 +304,20 @@ impl VmConfig {
         }
         if self.serial.mode == ConsoleOutputMode::File && self.serial.file.is_none() {
             return Err(ValidationError::SerialFile);
+        }
+        if let Some(page) = self.memory.hugepage_size {
+            if !self.memory.hugepages {
+                return Err(ValidationError::HugepageSizeAlone(page));
+            }
+            if !HUGEPAGE_SIZES.contains(&page) {
+                return Err(ValidationError::HugepageSize(page));
+            }
+            if !self.memory.size.is_multiple_of(page) {
+                return Err(ValidationError::HugepageAlignment {
+                    size: self.memory.size,
+                    page,
+                });
+            }
         }
         let mut tags = std::collections::BTreeSet::new();
         for fs in self.fs.iter().flatten() {
@@ -362,6 +395,37 @@ mod tests {
         }
         let err = MemoryConfig::parse("size=banana").unwrap_err().to_string();
         assert!(err.contains("banana"), "{err}");
+        let m = MemoryConfig::parse("size=1G,hugepages=on,hugepage_size=2M").unwrap();
+        assert!(m.hugepages && m.hugepage_size == Some(2 << 20) && !m.shared);
+        assert!(MemoryConfig::parse("size=1G,hugepages=maybe").is_err());
+    }
+
+    #[test]
+    fn hugepage_sizes_are_checked() {
+        let vm = |memory: &str| VmConfig {
+            payload: PayloadConfig {
+                kernel: Some("/k".into()),
+                initramfs: None,
+                cmdline: None,
+            },
+            memory: MemoryConfig::parse(memory).unwrap(),
+            ..serde_json::from_str(r#"{"payload":{}}"#).unwrap()
+        };
+        assert!(vm("size=1G,hugepages=on").validate().is_ok());
+        assert!(vm("size=1G,hugepages=on,hugepage_size=1G")
+            .validate()
+            .is_ok());
+        for (memory, want) in [
+            ("size=1G,hugepage_size=2M", "needs hugepages=true"),
+            (
+                "size=1G,hugepages=on,hugepage_size=4M",
+                "not one x86 offers",
+            ),
+            ("size=3M,hugepages=on,hugepage_size=2M", "not a multiple"),
+        ] {
+            let err = vm(memory).validate().unwrap_err().to_string();
+            assert!(err.contains(want), "{memory}: {err}");
+        }
     }
 
     #[test]

@@ -194,7 +194,7 @@ impl Vm {
                 hv.kind()
             )));
         }
-        let mem = memory::create(config.memory.size, config.memory.shared)?;
+        let mem = memory::create(config.memory.size, memory::Backing::of(&config.memory)?)?;
         let vm = hv.create_vm()?;
         memory::map_into(vm.as_ref(), &mem)?;
 

@@ -55,7 +55,6 @@ const NOT_PROVIDED: &[&str] = &[
     "vm.resize-zone",
     "vm.add-device",
     "vm.remove-device",
-    "vm.add-fs",
     "vm.add-pmem",
     "vm.add-vdpa",
     "vm.add-user-device",
