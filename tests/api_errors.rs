@@ -40,10 +40,18 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
         ),
         // Cloud Hypervisor fields asking for what podvmm does not do.
         (
-            json!({"payload": {"kernel": k}, "memory": {"size": 1u64 << 30, "hugepages": true}})
+            json!({"payload": {"kernel": k}, "memory": {"size": 1u64 << 30, "mergeable": true}})
                 .to_string(),
             400,
-            "memory.hugepages",
+            "memory.mergeable",
+        ),
+        // A hugepage size x86 does not have.
+        (
+            json!({"payload": {"kernel": k}, "memory": {"size": 1u64 << 30, "hugepages": true,
+                "hugepage_size": 4u64 << 20}})
+            .to_string(),
+            400,
+            "not one x86 offers",
         ),
         // An output on an input: refused before anything is written.
         (

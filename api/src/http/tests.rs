@@ -206,8 +206,8 @@ fn bad_bodies_are_400_with_the_reason() {
             "invalid VmConfig",
         ),
         (
-            br#"{"payload":{"kernel":"/k"},"memory":{"size":1,"hugepages":true}}"#,
-            "memory.hugepages",
+            br#"{"payload":{"kernel":"/k"},"memory":{"size":1,"mergeable":true}}"#,
+            "memory.mergeable",
         ),
     ] {
         let r = c.request("PUT", "vm.create", Some(body)).unwrap();
