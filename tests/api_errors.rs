@@ -85,7 +85,7 @@ fn bad_configurations_are_refused_before_any_vm_exists() {
         (
             json!({"payload": {"kernel": k}, "fs": [{"tag": "t", "socket": "/s"}]}).to_string(),
             400,
-            "virtio-fs",
+            "memory.shared=true",
         ),
         // Sizes that do not parse or make no sense.
         (
