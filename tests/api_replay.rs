@@ -436,6 +436,25 @@ fn kata_rust_runtime_keeps_one_connection_for_the_pods_life() {
     );
     assert_eq!(code, 400);
     assert!(body.unwrap_or_default().contains("virtiofsd"));
+    // With its virtiofsd listening, the same bytes are accepted (and the VM deleted again).
+    let share = pod.dir.path("share");
+    std::fs::create_dir(&share).unwrap();
+    let virtiofsd = Virtiofsd::start(
+        &share,
+        Path::new(&pod.fill[3].1),
+        &pod.dir.path("virtiofsd.log"),
+    );
+    let (code, body) = ch_call(
+        &mut s,
+        "PUT",
+        "vm.create",
+        Some(&pod.body("rs-create-default.json")),
+        &[],
+    );
+    assert!(code == 204 || code == 200, "{code}: {body:?}");
+    let (code, _) = ch_call(&mut s, "PUT", "vm.delete", None, &[]);
+    assert_eq!(code, 204);
+    drop(virtiofsd);
     // image_type "Unknown" is probed: a qcow2 image is refused, saying so.
     let qcow = pod.dir.path("image.qcow2");
     let mut q = vec![0u8; 4096];

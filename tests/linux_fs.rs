@@ -5,8 +5,9 @@
 //!   the host reads back, byte for byte; every podvmm thread, the device's included, runs under
 //!   its seccomp filter; virtiofsd killed mid-run gives the guest I/O errors, podvmm stays up
 //!   and says so (log line, `vm.counters`, `vm.info`);
-//! - the kernel mounts a virtio-fs root (`rootfstype=virtiofs root=TAG`) and runs `/init` from
-//!   the host directory (the kit's initramfs, unpacked).
+//! - Kata's Rust runtime's default body, its `kataShared` share as the root: the kernel mounts
+//!   it (`rootfstype=virtiofs root=kataShared`) and runs `/init` from the host directory (the
+//!   kit's initramfs, unpacked); a second share added with `vm.add-fs` is mounted as a volume.
 //!
 //! Slow under software KVM (a boot is tens of seconds): two boots, one at a time.
 
@@ -140,22 +141,14 @@ fn kata_default_pod_shares_files_through_virtiofs_and_survives_its_death() {
     // set and no `disks` (tests/data/kata/README.md); our kernel, console and command line.
     let console = dir.path("console.log");
     let vsock = dir.path("kata.vsock");
-    let body = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/kata/go-create-default.json"),
-    )
-    .unwrap()
-    .replace("@KERNEL@", path_str(&kit_file("vmlinux")))
-    .replace("@FSSOCK@", path_str(&virtiofsd.socket))
-    .replace("@VSOCK@", path_str(&vsock))
-    .replace("@MAXVCPUS@", "1")
-    .replace("@HOTPLUG@", &(8u64 << 30).to_string());
-    let mut config: Value = serde_json::from_str(&body).unwrap();
-    config.as_object_mut().unwrap().remove("disks");
+    let mut config = kata_body(
+        "go-create-default.json",
+        &virtiofsd.socket,
+        &vsock,
+        &console,
+        CMDLINE,
+    );
     config["payload"]["initramfs"] = json!(path_str(&kit_file("initramfs.cpio")));
-    config["payload"]["cmdline"] = json!(CMDLINE);
-    config["serial"] = json!({"mode": "File", "file": path_str(&console)});
-    assert_eq!(config["memory"]["shared"], true);
-    assert_eq!(config["fs"][0]["tag"], "kataShared");
 
     let server = Server::start(&dir, &[]);
     let pod = Pod {
@@ -289,6 +282,29 @@ fn unpack_cpio(archive: &[u8], dest: &Path) {
     }
 }
 
+/// Kata's body for `name` with our kernel, sockets and console, an initrd pod's shape (no
+/// `disks`), and `cmdline`.
+fn kata_body(name: &str, fs_socket: &Path, vsock: &Path, console: &Path, cmdline: &str) -> Value {
+    let body = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/kata")
+            .join(name),
+    )
+    .unwrap()
+    .replace("@KERNEL@", path_str(&kit_file("vmlinux")))
+    .replace("@FSSOCK@", path_str(fs_socket))
+    .replace("@VSOCK@", path_str(vsock))
+    .replace("@MAXVCPUS@", "1")
+    .replace("@HOTPLUG@", &(8u64 << 30).to_string());
+    let mut config: Value = serde_json::from_str(&body).unwrap();
+    config.as_object_mut().unwrap().remove("disks");
+    config["payload"]["cmdline"] = json!(cmdline);
+    config["serial"] = json!({"mode": "File", "file": path_str(console)});
+    assert_eq!(config["memory"]["shared"], true);
+    assert_eq!(config["fs"][0]["tag"], "kataShared");
+    config
+}
+
 #[test]
 fn the_kernel_mounts_a_virtiofs_root_and_runs_init_from_it() {
     let _one = one_boot_at_a_time();
@@ -298,24 +314,27 @@ fn the_kernel_mounts_a_virtiofs_root_and_runs_init_from_it() {
     unpack_cpio(&std::fs::read(kit_file("initramfs.cpio")).unwrap(), &root);
     assert!(root.join("init").is_file() && root.join("sbin/podvmm-agent").is_file());
     std::fs::write(root.join("host-note.txt"), b"written by the host\n").unwrap();
-    let virtiofsd = Virtiofsd::start(
-        &root,
-        &dir.path("virtiofsd.sock"),
-        &dir.path("virtiofsd.log"),
+    let volume = dir.path("volume");
+    std::fs::create_dir(&volume).unwrap();
+    std::fs::write(volume.join("data.txt"), b"a volume's data\n").unwrap();
+    let root_fsd = Virtiofsd::start(&root, &dir.path("root.sock"), &dir.path("root-fsd.log"));
+    let volume_fsd = Virtiofsd::start(
+        &volume,
+        &dir.path("volume.sock"),
+        &dir.path("volume-fsd.log"),
     );
 
+    // Kata's Rust runtime's default body; its share is the root (no initramfs at all).
     let console = dir.path("console.log");
     let vsock = dir.path("root.vsock");
-    let config = json!({
-        "payload": {
-            "kernel": path_str(&kit_file("vmlinux")),
-            "cmdline": format!("{CMDLINE} rootfstype=virtiofs root=rootfs rw init=/init"),
-        },
-        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
-        "memory": {"size": 512u64 << 20, "shared": true},
-        "serial": {"mode": "File", "file": path_str(&console)},
-        "vsock": {"cid": 3, "socket": path_str(&vsock)},
-    });
+    let config = kata_body(
+        "rs-create-default.json",
+        &root_fsd.socket,
+        &vsock,
+        &console,
+        &format!("{CMDLINE} rootfstype=virtiofs root=kataShared rw init=/init"),
+    );
+    assert!(config["payload"]["initramfs"].is_null());
     let server = Server::start(&dir, &[]);
     let pod = Pod {
         server,
@@ -323,19 +342,25 @@ fn the_kernel_mounts_a_virtiofs_root_and_runs_init_from_it() {
         vsock,
     };
     pod.server.ok("PUT", "vm.create", Some(&config.to_string()));
-    // Cold-plugged through vm.add-fs, as Kata's Rust runtime does for volumes.
+    // A volume cold-plugged through vm.add-fs, as Kata does for a pod's volumes.
     let added = pod.server.ok(
         "PUT",
         "vm.add-fs",
-        Some(&json!({"tag": "rootfs", "socket": path_str(&virtiofsd.socket)}).to_string()),
+        Some(
+            &json!({"tag": "volume", "socket": path_str(&volume_fsd.socket), "num_queues": 1,
+            "queue_size": 1024, "id": null, "pci_segment": 0})
+            .to_string(),
+        ),
     );
     let added: Value = serde_json::from_slice(&added.body).unwrap();
-    assert_eq!(added["id"], "fs0");
+    assert_eq!(added["id"], "fs1");
     pod.server.ok("PUT", "vm.boot", None);
     let mut c = pod.agent();
     let mounts = pod.sh_ok(&mut c, "cat /proc/mounts");
     assert!(
-        mounts.lines().any(|l| l.starts_with("rootfs / virtiofs ")),
+        mounts
+            .lines()
+            .any(|l| l.starts_with("kataShared / virtiofs ")),
         "root is not the virtio-fs share: {mounts}"
     );
     assert_eq!(
@@ -350,6 +375,17 @@ fn the_kernel_mounts_a_virtiofs_root_and_runs_init_from_it() {
         std::fs::read_to_string(root.join("guest-note.txt")).unwrap(),
         "written by the guest\n"
     );
+    assert_eq!(
+        pod.sh_ok(
+            &mut c,
+            "mkdir -p /mnt/v && mount -t virtiofs volume /mnt/v && cat /mnt/v/data.txt"
+        ),
+        "a volume's data\n"
+    );
+    let counters = pod.counters();
+    for fs in ["fs0", "fs1"] {
+        assert_eq!(counters[fs]["backend_connected"], 1, "{counters}");
+    }
     c.poweroff()
         .unwrap_or_else(|e| panic!("poweroff: {e}\n{}", pod.context()));
     let deadline = Instant::now() + Duration::from_secs(120);
