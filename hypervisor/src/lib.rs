@@ -176,6 +176,13 @@ pub trait Vm: Send + Sync {
         host_addr: u64,
         readonly: bool,
     ) -> Result<()>;
+    /// Creates the interrupt controllers and timers the hypervisor emulates (KVM: PIC,
+    /// IO-APIC, PIT; MSHV: none). Called once, after the memory is mapped (a memory slot
+    /// installed before them costs less: KVM then has no in-kernel device to wait for) and
+    /// before any vCPU exists.
+    fn create_interrupt_controllers(&self) -> Result<()> {
+        Ok(())
+    }
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// Signalling `fd` raises the guest interrupt line `gsi`.
     fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<()>;

@@ -197,6 +197,7 @@ impl Vm {
         let mem = memory::create(config.memory.size, memory::Backing::of(&config.memory)?)?;
         let vm = hv.create_vm()?;
         memory::map_into(vm.as_ref(), &mem)?;
+        vm.create_interrupt_controllers()?;
 
         let exit = Arc::new(ExitState::new()?);
         let event = |what| EventFd::new(0).map_err(|source| Error::Io { what, source });

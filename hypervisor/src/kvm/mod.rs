@@ -57,15 +57,6 @@ impl Hypervisor for KvmHypervisor {
             .map_err(|e| Error::os("KVM_CREATE_VM", e))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(|e| Error::os("KVM_SET_TSS_ADDR", e))?;
-        fd.create_irq_chip()
-            .map_err(|e| Error::os("KVM_CREATE_IRQCHIP", e))?;
-        // The PIT drives the guest's early timer calibration; the speaker port stays inert.
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(|e| Error::os("KVM_CREATE_PIT2", e))?;
         Ok(Arc::new(KvmVm { fd }))
     }
 
@@ -114,6 +105,20 @@ pub struct KvmVm {
 }
 
 impl crate::Vm for KvmVm {
+    fn create_interrupt_controllers(&self) -> Result<()> {
+        self.fd
+            .create_irq_chip()
+            .map_err(|e| Error::os("KVM_CREATE_IRQCHIP", e))?;
+        // The PIT drives the guest's early timer calibration; the speaker port stays inert.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd
+            .create_pit2(pit)
+            .map_err(|e| Error::os("KVM_CREATE_PIT2", e))
+    }
+
     unsafe fn map_memory(
         &self,
         slot: u32,
