@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates (once) the Python environment of the API conformance test (tests/api_conformance.rs):
+# Creates (once) the Python environment of the API conformance test (tests/api/conformance.rs):
 # schemathesis from PyPI, pinned, in target/conformance-venv. Prints the venv's python.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,12 +5,12 @@ set -euo pipefail
 PKGS=(
     qemu-system-x86 # the side-by-side VMM in benches/tiny_run.rs
     fio             # host-side figure next to the in-VM IOPS in benches/testguest_io.rs and benches/blk_iops.rs
-    fdisk           # sfdisk: the partitioned disk of tests/linux_blk.rs
-    e2fsprogs       # mkfs.ext4, e2fsck, debugfs, dumpe2fs: the ext4 root of tests/linux_blk.rs
-    dnsmasq-base    # DHCP server for the guest in tests/net_linux.rs
-    iputils-arping  # ARP check of the guest in tests/net_linux.rs
-    iputils-ping    # ICMP check of the guest in tests/net_linux.rs
-    acl             # setfacl: /dev/kvm for an unprivileged user in tests/least_privilege.rs
+    fdisk           # sfdisk: the partitioned disk of tests/linux/blk.rs
+    e2fsprogs       # mkfs.ext4, e2fsck, debugfs, dumpe2fs: the ext4 root of tests/linux/blk.rs
+    dnsmasq-base    # DHCP server for the guest in tests/linux/net.rs
+    iputils-arping  # ARP check of the guest in tests/linux/net.rs
+    iputils-ping    # ICMP check of the guest in tests/linux/net.rs
+    acl             # setfacl: /dev/kvm for an unprivileged user in tests/cli/least_privilege.rs
     libseccomp-dev  # building virtiofsd (below)
     libcap-ng-dev   # building virtiofsd (below)
 )

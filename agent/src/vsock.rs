@@ -183,7 +183,7 @@ impl Stream for VsockStream {
 }
 
 /// The console (stdin and stdout) as a stream: `podvmm-agent --console` serves the protocol
-/// there too, for debugging a guest without vsock (QEMU's TCG oracle, `tests/agent_qemu.rs`).
+/// there too, for debugging a guest without vsock (QEMU's TCG oracle, `tests/cli/agent_qemu.rs`).
 #[derive(Default)]
 pub struct ConsoleStream {
     /// Read timeout in milliseconds; 0 for none.

@@ -351,7 +351,7 @@ fn slow_and_vanishing_clients_do_not_block_others() {
 
 #[test]
 fn a_kept_connection_outlives_the_first_request_timeout() {
-    // Kata's Rust runtime keeps one connection for the pod's life (tests/api_replay.rs drives
+    // Kata's Rust runtime keeps one connection for the pod's life (tests/api/replay.rs drives
     // it with that client's own framing); idling is never a reason to close it.
     let t = start(
         "kept",
@@ -467,10 +467,7 @@ fn idle_and_stalled_clients_never_lock_a_shim_out() {
         }));
         let deadline = Instant::now() + Duration::from_secs(10);
         while held() < i + 1 {
-            assert!(
-                Instant::now() < deadline,
-                "held request {i} did not arrive"
-            );
+            assert!(Instant::now() < deadline, "held request {i} did not arrive");
             std::thread::sleep(Duration::from_millis(5));
         }
     }

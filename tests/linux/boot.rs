@@ -8,7 +8,7 @@
 //!
 //! Needs the kit (`scripts/build-guest.sh`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,8 +1,8 @@
 //! The VM's life under the API: pause and resume a running guest, shut it down and boot it
 //! again, a guest reset, and no thread or descriptor left behind.
 
-mod api_support;
-mod common;
+use crate::api_support;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! these tests exercise the whole host path (ioeventfd, worker, io_uring, used ring) at
 //! native guest speed even on software KVM.
 
-mod common;
+use crate::common;
 
 use common::testguest::*;
 use common::TempDir;

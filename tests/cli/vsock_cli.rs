@@ -4,7 +4,7 @@
 //! waits for the guest driver, bad input gets clear errors, the socket path is handled as
 //! documented (live: refused; stale: replaced; removed on exit), and the event monitor's lines.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

@@ -11,8 +11,8 @@
 //! has it). The Python environment is made by `scripts/conformance-venv.sh` (once). Bounded:
 //! about two minutes (`PODVMM_CONFORMANCE_SECONDS` sets the fuzzing budget of each run).
 
-mod api_support;
-mod common;
+use crate::api_support;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

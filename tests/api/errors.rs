@@ -1,8 +1,8 @@
 //! Bad input over the socket: each gets a 4xx that says what was wrong, the server stays up,
 //! and a running VM carries on as if nothing happened.
 
-mod api_support;
-mod common;
+use crate::api_support;
+use crate::common;
 
 use std::io::Write;
 use std::os::fd::AsRawFd;

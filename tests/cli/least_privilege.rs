@@ -5,7 +5,7 @@
 //! Needs root (to switch user and to set the ACL) and `setfacl`; fails otherwise. The ACL
 //! is removed, and /dev/kvm's mode restored, whatever the outcome.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

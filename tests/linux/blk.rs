@@ -22,7 +22,7 @@
 //! kernel completes the system calls PVM leaves in user mode); the tests take a lock so they
 //! never boot at the same time.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};

@@ -1,9 +1,9 @@
 //! Resource hygiene: 200 create/boot/shutdown/delete cycles through the REST API with a tiny
 //! guest leave no growth in the podvmm process's open descriptors, threads or resident
-//! memory. The figures are printed (`cargo test --test leak_cycles -- --nocapture`).
+//! memory. The figures are printed (`cargo test --test api leak_cycles -- --nocapture`).
 
-mod api_support;
-mod common;
+use crate::api_support;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! behind; a good interface is set up and the guest runs. The TAP cases run in a network
 //! namespace of the test's own (root and iproute2 needed; nothing leaves the machine).
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output, Stdio};
 

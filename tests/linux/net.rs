@@ -10,7 +10,7 @@
 //! `iputils-ping`): `scripts/setup.sh` installs them. Nothing leaves the namespace: all
 //! addresses are on the TAP inside it, and the namespace is deleted even when the test fails.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::linux::{sh, sh_ok, Boot, CMDLINE};
+use common::linux::{one_boot_at_a_time, sh, sh_ok, Boot, CMDLINE};
 use common::*;
 
 const HOST_IP: &str = "10.77.0.1";
@@ -187,6 +187,7 @@ fn run_for(mut cmd: Command, limit: Duration) -> (bool, String) {
 #[test]
 #[ignore = "boots Linux: minutes under PVM; scripts/test.sh and CI run it with --include-ignored"]
 fn linux_gets_dhcp_answers_arp_and_talks_tcp_over_virtio_net() {
+    let _one = one_boot_at_a_time();
     need_tools();
     let dir = TempDir::new("netlinux");
     let leases = dir.path("leases");

@@ -1,8 +1,8 @@
 //! The REST API as a container-runtime shim drives it: Kata's call sequence, with a real TAP
 //! device passed over the socket, against a tiny guest that keeps running.
 
-mod api_support;
-mod common;
+use crate::api_support;
+use crate::common;
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! port with `CONNECT <port>\n`, and the guest connects to a host port that podvmm forwards
 //! to `<socket>_<port>`, where an echo server listens.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -2,7 +2,7 @@
 //! pure software emulator (TCG, the kit's oracle, `docs/guest.md`) with the agent as PID 1
 //! (`rdinit=/sbin/podvmm-agent -- --console`), answering its protocol on the serial console.
 //!
-//! It checks the agent itself, apart from podvmm (`tests/linux_agent.rs` covers the path to it
+//! It checks the agent itself, apart from podvmm (`tests/linux/agent.rs` covers the path to it
 //! over vsock; QEMU here has no vsock backend, `/dev/vhost-vsock` is absent): the
 //! static binary starts as init, mounts proc/sys/dev, runs commands, reads the guest's facts,
 //! and powers the VM off. Needs `qemu-system-x86_64` and the kit; says loudly when it cannot run.
@@ -36,11 +36,10 @@ fn agent_as_init_in_a_real_guest() {
         .output()
         .is_err()
     {
-        eprintln!(
-            "agent-qemu: NOTE: qemu-system-x86_64 is not installed: the agent was NOT run in a \
-             real guest (apt-get install qemu-system-x86)"
+        panic!(
+            "qemu-system-x86_64 is not installed, so the agent cannot be run in a real guest \
+             here: scripts/setup.sh installs it (apt-get install qemu-system-x86)"
         );
-        return;
     }
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([

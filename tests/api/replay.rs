@@ -15,8 +15,8 @@
 //!
 //! Both need root (a TAP device, as a CNI plugin would make it).
 
-mod api_support;
-mod common;
+use crate::api_support;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

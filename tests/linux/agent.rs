@@ -11,7 +11,7 @@
 //! `PODVMM_BIN` and `PODVMM_GUEST_DIR` override the podvmm binary and the kit directory (to
 //! run the compiled test elsewhere).
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;

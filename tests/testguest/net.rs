@@ -3,7 +3,7 @@
 //! which the host kernel answers. Runs in a network namespace of its own (needs root and
 //! iproute2), so nothing leaves the machine; the namespace goes away even on failure.
 
-mod common;
+use crate::common;
 
 use common::testguest::*;
 

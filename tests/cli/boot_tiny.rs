@@ -1,6 +1,6 @@
 //! Boots tiny hand-made guests on the real hypervisor and checks what they did.
 
-mod common;
+use crate::common;
 
 use common::*;
 

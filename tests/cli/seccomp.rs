@@ -3,8 +3,8 @@
 //! them off; a bad value is a usage error. (The filters stopping forbidden calls is proven
 //! in `seccomp/tests/enforce.rs`; that the whole suite passes with them on, by the suite.)
 
-mod api_support;
-mod common;
+use crate::api_support;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};

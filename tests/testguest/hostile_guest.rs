@@ -7,7 +7,7 @@
 //! written, and podvmm ends the way the guest asks (exit 0). docs/security.md lists the
 //! rest of the suite (mock-queue tests, fuzz targets).
 
-mod common;
+use crate::common;
 
 use common::testguest::*;
 use common::TempDir;

@@ -11,8 +11,8 @@
 //!
 //! Slow under software KVM (a boot is tens of seconds): two boots, one at a time.
 
-mod api_support;
-mod common;
+use crate::api_support;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -119,6 +119,7 @@ fn thread_filters(pid: u32) -> Vec<(String, String)> {
 }
 
 #[test]
+#[ignore = "boots Linux: minutes under PVM; scripts/test.sh and CI run it with --include-ignored"]
 fn kata_default_pod_shares_files_through_virtiofs_and_survives_its_death() {
     let _one = one_boot_at_a_time();
     let dir = TempDir::new("linux-fs-kata");
@@ -306,6 +307,7 @@ fn kata_body(name: &str, fs_socket: &Path, vsock: &Path, console: &Path, cmdline
 }
 
 #[test]
+#[ignore = "boots Linux: minutes under PVM; scripts/test.sh and CI run it with --include-ignored"]
 fn the_kernel_mounts_a_virtiofs_root_and_runs_init_from_it() {
     let _one = one_boot_at_a_time();
     let dir = TempDir::new("linux-fs-root");
