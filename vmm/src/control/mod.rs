@@ -1,0 +1,585 @@
+//! The VMM thread: owns the VM and its lifecycle, and answers API requests.
+//!
+//! It waits (epoll) on two things: the API mailbox's wake-up descriptor, and, while a guest
+//! runs, the VM's exit event. API requests arrive as [`ApiRequest`] messages and are answered
+//! on their one-shot channel; nothing else touches the VM. A guest that resets or powers off
+//! moves the VM to `Shutdown` (its vCPU threads joined, its memory released) and the VMM
+//! stays up, as Cloud Hypervisor does.
+//!
+//! States: no VM → `vm.create` → Created → `vm.boot` → Running ⇄ Paused (`vm.pause`,
+//! `vm.resume`); Running/Paused → `vm.shutdown` or a guest stop → Shutdown → `vm.boot` again;
+//! `vm.delete` from any state → no VM.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+
+use api::control::{
+    AddDevice, ApiError, ApiReply, ApiRequest, ApiResult, BootDigests, Counters, CreateVm,
+    PciDeviceInfo, PingInfo, VmInfo, VmResize, VmState, VmmMailbox,
+};
+use api::pod::{self, Sizing};
+use api::{DiskConfig, FsConfig, ImageType, NetConfig, VmConfig, VsockConfig};
+use devices::virtio::block::image::{self, ImageFormat};
+use hypervisor::Selection;
+use sha2::{Digest, Sha256};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::device_manager::DeviceError;
+use crate::{Error, ExitReason, Vm};
+
+mod checks;
+mod digests;
+
+use checks::*;
+use digests::*;
+
+const TOKEN_API: u64 = 0;
+const TOKEN_VM: u64 = 1;
+const TOKEN_SIGNAL: u64 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("setting up the VMM thread's event loop: {0}")]
+    Epoll(#[source] io::Error),
+}
+
+/// The configured VM and, once booted, the running one.
+struct VmRecord {
+    config: VmConfig,
+    sizing: Sizing,
+    ignored: BTreeSet<String>,
+    /// TAP descriptors received with `vm.add-net`, one list per `config.net` entry; their raw
+    /// numbers are in each entry's `fds`, valid for as long as the entry exists.
+    net_fds: Vec<Vec<OwnedFd>>,
+    state: VmState,
+    vm: Option<Vm>,
+    digests: Option<BootDigests>,
+    stop_reason: Option<String>,
+}
+
+pub struct Vmm {
+    selection: Selection,
+    /// Files the process itself writes (API socket, event monitor, log file): no VM may
+    /// take one of them as an input or an output of its own.
+    process_outputs: Vec<crate::outputs::Named>,
+    record: Option<VmRecord>,
+    epoll: Epoll,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(msg.into())
+}
+
+fn conflict(msg: impl Into<String>) -> ApiError {
+    ApiError::Conflict(msg.into())
+}
+
+const NO_VM: &str = "no VM has been created (vm.create first)";
+
+impl Vmm {
+    pub fn new(selection: Selection) -> Result<Self, ControlError> {
+        Ok(Vmm {
+            selection,
+            process_outputs: Vec::new(),
+            record: None,
+            epoll: Epoll::new().map_err(ControlError::Epoll)?,
+        })
+    }
+
+    /// Files this process writes, which no VM's configuration may name.
+    pub fn set_process_outputs(&mut self, outputs: Vec<crate::outputs::Named>) {
+        self.process_outputs = outputs;
+    }
+
+    /// Serves `mailbox` until `vmm.shutdown`, or a termination signal (`signals`: then the
+    /// answer is the signal's number). The VM, if any, is torn down before returning.
+    pub fn run(&mut self, mailbox: &VmmMailbox) -> Result<Option<i32>, ControlError> {
+        self.epoll
+            .ctl(
+                ControlOperation::Add,
+                mailbox.fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_API),
+            )
+            .map_err(ControlError::Epoll)?;
+        if let Some(fd) = crate::signals::fd() {
+            self.epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, TOKEN_SIGNAL),
+                )
+                .map_err(ControlError::Epoll)?;
+        }
+        let mut events = vec![EpollEvent::default(); 4];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ControlError::Epoll(e)),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    TOKEN_VM => self.guest_stopped(),
+                    TOKEN_SIGNAL => {
+                        if let Some(sig) = crate::signals::received() {
+                            if let Some(record) = self.record.as_mut() {
+                                release(&self.epoll, record);
+                            }
+                            return Ok(Some(sig));
+                        }
+                    }
+                    _ => {
+                        for message in mailbox.drain() {
+                            let exit = matches!(message.request, ApiRequest::VmmShutdown);
+                            let answer = self.handle(message.request);
+                            let exit = exit && answer.is_ok();
+                            // The client may have gone; the request is done either way.
+                            let _ = message.reply.send(answer);
+                            if exit {
+                                return Ok(None);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers one request.
+    pub fn handle(&mut self, request: ApiRequest) -> ApiResult {
+        match request {
+            ApiRequest::VmmPing => Ok(ApiReply::Ping(ping())),
+            ApiRequest::VmmShutdown => {
+                if let Some(record) = self.record.as_mut() {
+                    release(&self.epoll, record);
+                }
+                Ok(ApiReply::Empty)
+            }
+            ApiRequest::VmCreate(create) => self.create(*create).map(|_| ApiReply::Empty),
+            ApiRequest::VmBoot => self.boot().map(|_| ApiReply::Empty),
+            ApiRequest::VmInfo => self.info().map(|i| ApiReply::Info(Box::new(i))),
+            ApiRequest::VmShutdown => self.shutdown().map(|_| ApiReply::Empty),
+            ApiRequest::VmDelete => {
+                // As in Cloud Hypervisor, deleting when there is nothing is not an error.
+                if let Some(mut record) = self.record.take() {
+                    release(&self.epoll, &mut record);
+                }
+                Ok(ApiReply::Empty)
+            }
+            ApiRequest::VmPause => self.pause().map(|_| ApiReply::Empty),
+            ApiRequest::VmResume => self.resume().map(|_| ApiReply::Empty),
+            ApiRequest::VmCounters => self.counters().map(ApiReply::Counters),
+            ApiRequest::VmAddDisk(add) => self.add_disk(*add).map(ApiReply::Device),
+            ApiRequest::VmAddNet(add) => self.add_net(*add).map(ApiReply::Device),
+            ApiRequest::VmAddVsock(add) => self.add_vsock(*add).map(ApiReply::Device),
+            ApiRequest::VmAddFs(add) => self.add_fs(*add).map(ApiReply::Device),
+            ApiRequest::VmResize(r) => self.resize(r).map(|_| ApiReply::Empty),
+        }
+    }
+
+    /// The VM's state, if there is one.
+    pub fn state(&self) -> Option<VmState> {
+        self.record.as_ref().map(|s| s.state)
+    }
+
+    fn record(&mut self) -> Result<&mut VmRecord, ApiError> {
+        self.record
+            .as_mut()
+            .ok_or_else(|| ApiError::NotFound(NO_VM.into()))
+    }
+
+    fn create(&mut self, create: CreateVm) -> Result<(), ApiError> {
+        if let Some(record) = &self.record {
+            return Err(conflict(format!(
+                "a VM already exists (state {:?}); vm.delete it first",
+                record.state
+            )));
+        }
+        let CreateVm {
+            mut config,
+            explicit,
+            ignored,
+        } = create;
+        let sizing = pod::apply(&mut config, explicit).map_err(|e| bad(e.to_string()))?;
+        check_config(&config)?;
+        crate::outputs::check(&config, &self.process_outputs).map_err(bad)?;
+        let net_fds = config.net.iter().flatten().map(|_| Vec::new()).collect();
+        self.record = Some(VmRecord {
+            config,
+            sizing,
+            ignored,
+            net_fds,
+            state: VmState::Created,
+            vm: None,
+            digests: None,
+            stop_reason: None,
+        });
+        Ok(())
+    }
+
+    fn boot(&mut self) -> Result<(), ApiError> {
+        let selection = self.selection;
+        let process_outputs = self.process_outputs.clone();
+        let record = self.record()?;
+        match record.state {
+            VmState::Created | VmState::Shutdown => {}
+            VmState::Running => return Err(conflict("the VM is already running")),
+            VmState::Paused => {
+                return Err(conflict("the VM is paused (vm.resume it, or vm.shutdown)"))
+            }
+        }
+        // Files may have changed since vm.create (a symlink re-pointed): checked again before
+        // anything is opened for writing.
+        crate::outputs::check(&record.config, &process_outputs).map_err(bad)?;
+        // Opened once, checked from the descriptors (no FIFO, no device, bounded sizes), and
+        // measured and loaded from them: the digests are of what the guest got.
+        let inputs = crate::BootInputs::open(&record.config).map_err(boot_error)?;
+        let kernel_sha256 = digest(&inputs.kernel)?;
+        let initramfs_sha256 = inputs.initramfs.as_ref().map(digest).transpose()?;
+        let mut vm = Vm::new(&record.config, selection, &inputs).map_err(boot_error)?;
+        drop(inputs);
+        let cmdline = vm.cmdline().to_string();
+        vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Err(e) = self.epoll.ctl(
+            ControlOperation::Add,
+            vm.exit_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_VM),
+        ) {
+            vm.stop();
+            return Err(ApiError::Internal(format!("watching the VM: {e}")));
+        }
+        let record = self.record()?;
+        record.digests = Some(BootDigests {
+            kernel_sha256,
+            initramfs_sha256,
+            cmdline_sha256: hex(&Sha256::digest(cmdline.as_bytes())),
+            cmdline,
+        });
+        record.vm = Some(vm);
+        record.state = VmState::Running;
+        record.stop_reason = None;
+        Ok(())
+    }
+
+    fn info(&mut self) -> Result<VmInfo, ApiError> {
+        let record = self.record()?;
+        Ok(VmInfo {
+            config: record.config.clone(),
+            state: record.state,
+            memory_actual_size: record.config.memory.size,
+            sizing: record.sizing.clone(),
+            boot_digests: record.digests.clone(),
+            ignored_fields: record.ignored.clone(),
+            stop_reason: record.stop_reason.clone(),
+            agent_ready_ms: record.vm.as_ref().and_then(Vm::agent_ready_ms),
+        })
+    }
+
+    fn shutdown(&mut self) -> Result<(), ApiError> {
+        let epoll = &self.epoll;
+        let record = self
+            .record
+            .as_mut()
+            .ok_or_else(|| ApiError::NotFound(NO_VM.into()))?;
+        match record.state {
+            VmState::Running | VmState::Paused => {
+                release(epoll, record);
+                // As in Cloud Hypervisor: the configuration stays, ready to boot again.
+                record.state = VmState::Created;
+                record.stop_reason = Some("vm.shutdown".into());
+                Ok(())
+            }
+            VmState::Created => Err(conflict("the VM has not been booted")),
+            VmState::Shutdown => Err(conflict("the VM is already shut down")),
+        }
+    }
+
+    fn pause(&mut self) -> Result<(), ApiError> {
+        let record = self.record()?;
+        match (record.state, &record.vm) {
+            (VmState::Running, Some(vm)) => {
+                vm.pause().map_err(|e| ApiError::Internal(e.to_string()))?;
+                record.state = VmState::Paused;
+                Ok(())
+            }
+            (VmState::Paused, _) => Err(conflict("the VM is already paused")),
+            (state, _) => Err(conflict(format!("the VM is not running (state {state:?})"))),
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), ApiError> {
+        let record = self.record()?;
+        match (record.state, &record.vm) {
+            (VmState::Paused, Some(vm)) => {
+                vm.resume();
+                record.state = VmState::Running;
+                Ok(())
+            }
+            (state, _) => Err(conflict(format!("the VM is not paused (state {state:?})"))),
+        }
+    }
+
+    fn counters(&mut self) -> Result<Counters, ApiError> {
+        let record = self.record()?;
+        let Some(vm) = &record.vm else {
+            return Err(conflict(format!(
+                "the VM is not running (state {:?})",
+                record.state
+            )));
+        };
+        let mut counters = Counters::new();
+        for disk in &vm.devices().disks {
+            let c = &disk.counters;
+            let entries = [
+                ("read_ops", &c.reads),
+                ("write_ops", &c.writes),
+                ("flush_ops", &c.flushes),
+                ("read_bytes", &c.read_bytes),
+                ("write_bytes", &c.write_bytes),
+                ("invalid_requests", &c.invalid_requests),
+                ("io_errors", &c.io_errors),
+                ("syncs", &c.syncs),
+                ("interrupts", &c.interrupts),
+                ("worker_failures", &*c.worker_failures),
+            ];
+            counters.insert(
+                disk.id.clone(),
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+                    .collect(),
+            );
+        }
+        for net in &vm.devices().nets {
+            let c = &net.counters;
+            let entries = [
+                ("rx_frames", &c.rx_frames),
+                ("rx_bytes", &c.rx_bytes),
+                ("tx_frames", &c.tx_frames),
+                ("tx_bytes", &c.tx_bytes),
+                ("tx_invalid", &c.tx_invalid),
+                ("rx_invalid", &c.rx_invalid),
+                ("tx_denied", &c.tx_denied),
+                ("tx_errors", &c.tx_errors),
+                ("rx_dropped", &c.rx_dropped),
+                ("rx_stalls", &c.rx_stalls),
+                ("ctrl_errors", &c.ctrl_errors),
+                ("worker_failures", &*c.worker_failures),
+            ];
+            counters.insert(
+                net.id.clone(),
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+                    .collect(),
+            );
+        }
+        for fs in &vm.devices().fs {
+            counters.insert(
+                fs.id.clone(),
+                fs.counters
+                    .snapshot()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            );
+        }
+        if let Some(c) = &vm.devices().rng {
+            let entries = [
+                ("bytes", &c.bytes),
+                ("requests", &c.requests),
+                ("invalid_requests", &c.invalid_requests),
+                ("source_errors", &c.source_errors),
+                ("worker_failures", &*c.worker_failures),
+            ];
+            counters.insert(
+                "rng".to_string(),
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
+                    .collect(),
+            );
+        }
+        Ok(counters)
+    }
+
+    /// Where a device may be added: only before boot (or after a shutdown).
+    fn cold_record(&mut self, what: &str) -> Result<&mut VmRecord, ApiError> {
+        let record = self.record()?;
+        match record.state {
+            VmState::Created | VmState::Shutdown => Ok(record),
+            state => Err(conflict(format!(
+                "the VM is {state:?}: adding {what} to a booted VM (hotplug) is not supported; add devices before vm.boot"
+            ))),
+        }
+    }
+
+    fn add_disk(&mut self, add: AddDevice<DiskConfig>) -> Result<PciDeviceInfo, ApiError> {
+        let record = self.cold_record("a disk")?;
+        check_disk(&add.config)?;
+        check_unique_id(&record.config, add.config.id.as_deref())?;
+        let disks = record.config.disks.get_or_insert_with(Vec::new);
+        disks.push(add.config);
+        record.ignored.extend(add.ignored);
+        Ok(device_info(&record.config, DeviceKind::Disk))
+    }
+
+    /// `vm.resize`: the sizes the VM already has are granted (Kata's Go runtime asks for the
+    /// current vCPU count on every pod); anything else needs hotplug, which podvmm does not do.
+    fn resize(&mut self, r: VmResize) -> Result<(), ApiError> {
+        let record = self.record()?;
+        let cpus = &record.config.cpus;
+        if let Some(n) = r.desired_vcpus.filter(|&n| n != cpus.boot_vcpus) {
+            return Err(bad(format!(
+                "desired_vcpus {n}: the VM has {} vCPUs and podvmm does not hotplug vCPUs \
+                 (max_vcpus {} is recorded, not provided)",
+                cpus.boot_vcpus, cpus.max_vcpus
+            )));
+        }
+        let size = record.config.memory.size;
+        if let Some(ram) = r.desired_ram.filter(|&ram| ram != size) {
+            return Err(bad(format!(
+                "desired_ram {ram}: the VM has {size} bytes of memory and podvmm does not \
+                 hotplug memory"
+            )));
+        }
+        if let Some(b) = r.desired_balloon.filter(|&b| b != 0) {
+            return Err(bad(format!(
+                "desired_balloon {b}: podvmm has no balloon device"
+            )));
+        }
+        Ok(())
+    }
+
+    fn add_net(&mut self, add: AddDevice<NetConfig>) -> Result<PciDeviceInfo, ApiError> {
+        let record = self.cold_record("a network device")?;
+        let AddDevice {
+            mut config,
+            fds,
+            ignored,
+        } = add;
+        check_net(&config)?;
+        check_unique_id(&record.config, config.id.as_deref())?;
+        for fd in &fds {
+            check_tap(fd)?;
+        }
+        config.fds = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        record.config.net.get_or_insert_with(Vec::new).push(config);
+        record.net_fds.push(fds);
+        record.ignored.extend(ignored);
+        Ok(device_info(&record.config, DeviceKind::Net))
+    }
+
+    fn add_vsock(&mut self, add: AddDevice<VsockConfig>) -> Result<PciDeviceInfo, ApiError> {
+        let record = self.cold_record("a vsock device")?;
+        if record.config.vsock.is_some() {
+            return Err(conflict("the VM already has a vsock device"));
+        }
+        check_vsock(&add.config)?;
+        check_unique_id(&record.config, add.config.id.as_deref())?;
+        record.config.vsock = Some(add.config);
+        record.ignored.extend(add.ignored);
+        Ok(device_info(&record.config, DeviceKind::Vsock))
+    }
+
+    fn add_fs(&mut self, add: AddDevice<FsConfig>) -> Result<PciDeviceInfo, ApiError> {
+        let record = self.cold_record("a virtio-fs device")?;
+        check_unique_id(&record.config, add.config.id.as_deref())?;
+        if record
+            .config
+            .fs
+            .iter()
+            .flatten()
+            .any(|f| f.tag == add.config.tag)
+        {
+            return Err(conflict(format!(
+                "fs tag {} is already in use",
+                add.config.tag
+            )));
+        }
+        let mut config = record.config.clone();
+        config.fs.get_or_insert_with(Vec::new).push(add.config);
+        config.validate().map_err(|e| bad(e.to_string()))?;
+        for fs in config.fs.iter().flatten() {
+            check_fs(fs)?;
+        }
+        record.config = config;
+        record.ignored.extend(add.ignored);
+        Ok(device_info(&record.config, DeviceKind::Fs))
+    }
+
+    /// The guest stopped by itself (reset, power-off, crash): the VM moves to Shutdown.
+    fn guest_stopped(&mut self) {
+        let Some(record) = self.record.as_mut() else {
+            return;
+        };
+        // A readiness report can outlive its VM (shut down and booted again by requests
+        // handled in the same wake-up): only a pending exit counts.
+        let Some(reason) = record.vm.as_ref().and_then(Vm::exit_reason) else {
+            return;
+        };
+        match &reason {
+            ExitReason::Reset | ExitReason::Shutdown | ExitReason::Terminated(_) => {}
+            ExitReason::TripleFault => eprintln!("podvmm: guest stopped: triple fault"),
+            ExitReason::GuestError(msg) => eprintln!("podvmm: guest stopped: {msg}"),
+        }
+        release(&self.epoll, record);
+        record.state = VmState::Shutdown;
+        record.stop_reason = Some(match reason {
+            ExitReason::Reset => "Reset".into(),
+            ExitReason::Shutdown => "Shutdown".into(),
+            ExitReason::TripleFault => "TripleFault".into(),
+            ExitReason::GuestError(msg) => format!("GuestError: {msg}"),
+            ExitReason::Terminated(sig) => crate::signals::name(sig),
+        });
+    }
+}
+
+/// Stops the running VM, if any: vCPU threads joined, memory and devices released.
+fn release(epoll: &Epoll, record: &mut VmRecord) {
+    if let Some(mut vm) = record.vm.take() {
+        let _ = epoll.ctl(
+            ControlOperation::Delete,
+            vm.exit_fd(),
+            EpollEvent::default(),
+        );
+        vm.stop();
+    }
+}
+
+fn ping() -> PingInfo {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut features = vec!["kvm".to_string()];
+    if cfg!(feature = "mshv") {
+        features.push("mshv".into());
+    }
+    PingInfo {
+        build_version: format!("podvmm v{version}"),
+        version: version.into(),
+        pid: i64::from(std::process::id()),
+        features,
+    }
+}
+
+/// Maps an error building the VM to an answer: the client's mistakes are 4xx.
+fn boot_error(e: Error) -> ApiError {
+    let msg = format!("vm.boot: {e}");
+    match e {
+        Error::Config(_)
+        | Error::Limit(_)
+        | Error::Boot(_)
+        | Error::Input(_)
+        | Error::CmdlineTooLong { .. }
+        | Error::SerialFile { .. } => ApiError::BadRequest(msg),
+        Error::Device(
+            DeviceError::Block(_) | DeviceError::DiskOption { .. } | DeviceError::Fs(_),
+        )
+        | Error::Device(DeviceError::TooMany(_)) => ApiError::BadRequest(msg),
+        _ => ApiError::Internal(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests;
