@@ -10,7 +10,6 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +18,7 @@ use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -146,6 +145,7 @@ impl VirtioDevice for Rng {
             counters: self.counters.clone(),
             buf: vec![0; MAX_PER_CHAIN],
             broken: false,
+            outcome: None,
         };
         let handle = super::worker::spawn(
             "rng".into(),
@@ -165,8 +165,8 @@ impl VirtioDevice for Rng {
     }
 }
 
-const TOKEN_QUEUE: u64 = 0;
-const TOKEN_KILL: u64 = 1;
+const QUEUE: u32 = 0;
+const KILL: u32 = 1;
 
 struct Worker {
     queue: Queue,
@@ -178,41 +178,45 @@ struct Worker {
     counters: Arc<RngCounters>,
     buf: Vec<u8>,
     broken: bool,
+    outcome: Option<Result<(), String>>,
 }
 
 impl Worker {
-    fn run(mut self) -> Result<(), String> {
-        let epoll = Epoll::new().map_err(|e| format!("creating its epoll: {e}"))?;
-        for (fd, token) in [
-            (self.evt.as_raw_fd(), TOKEN_QUEUE),
-            (self.kill.as_raw_fd(), TOKEN_KILL),
-        ] {
-            let ev = EpollEvent::new(EventSet::IN, token);
-            epoll
-                .ctl(ControlOperation::Add, fd, ev)
-                .map_err(|e| format!("watching its events: {e}"))?;
+    fn run(self) -> Result<(), String> {
+        super::worker::event_loop(self)
+    }
+}
+
+impl super::worker::DeviceLoop for Worker {
+    fn outcome(&mut self) -> Option<Result<(), String>> {
+        self.outcome.take()
+    }
+}
+
+impl event_manager::MutEventSubscriber for Worker {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        for (fd, data) in [(&self.evt, QUEUE), (&self.kill, KILL)] {
+            if let Err(e) = ops.add(event_manager::Events::with_data(fd, data, EventSet::IN)) {
+                self.outcome = Some(Err(format!("watching its events: {e}")));
+                return;
+            }
         }
         // Buffers may be waiting already (a driver that notified before we started).
         self.process();
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("waiting for events: {e}")),
-            };
-            for e in &events[..n] {
-                match e.data() {
-                    TOKEN_KILL => return Ok(()),
-                    _ => {
-                        let _ = self.evt.read();
-                        self.process();
-                    }
-                }
+    }
+
+    fn process(&mut self, events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        match events.data() {
+            KILL => self.outcome = Some(Ok(())),
+            _ => {
+                let _ = self.evt.read();
+                self.process();
             }
         }
     }
+}
 
+impl Worker {
     /// Fills every available chain.
     fn process(&mut self) {
         if self.broken {

@@ -3,6 +3,9 @@
 //! device failure the guest and the operator both see: the device asks the driver for a reset
 //! (DEVICE_NEEDS_RESET and a configuration interrupt), its `worker_failures` counter goes up,
 //! and one line on stderr says which device and why. The VM and the other devices go on.
+//!
+//! A worker's body is an event-manager loop ([`event_loop`]) over a [`DeviceLoop`]: the rng and
+//! virtio-fs devices so far; block waits in its io_uring, net and vsock in loops of their own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +15,35 @@ use super::Interrupt;
 
 /// Why a worker gave up.
 pub type Failure = String;
+
+/// A device thread's event handling, on event-manager: the subscriber registers its events in
+/// `init`, handles them in `process`, and says after each batch whether to go on.
+pub trait DeviceLoop: event_manager::MutEventSubscriber {
+    /// `None` to wait for more events; `Some(Ok(()))` when told to stop; `Some(Err(why))` when
+    /// it cannot go on (a device failure, see [`spawn`]).
+    fn outcome(&mut self) -> Option<Result<(), Failure>>;
+}
+
+/// Runs `device`'s events until its [`DeviceLoop::outcome`] says to end: the body of a device
+/// thread started by [`spawn`].
+pub fn event_loop<D: DeviceLoop>(device: D) -> Result<(), Failure> {
+    use event_manager::{EventManager, SubscriberOps};
+    let mut manager: EventManager<D> =
+        EventManager::new().map_err(|e| format!("creating its event loop: {e}"))?;
+    let id = manager.add_subscriber(device);
+    loop {
+        let device = manager
+            .subscriber_mut(id)
+            .map_err(|e| format!("its event loop lost it: {e}"))?;
+        if let Some(outcome) = device.outcome() {
+            return outcome;
+        }
+        // An interruption by a signal comes back as zero events.
+        manager
+            .run()
+            .map_err(|e| format!("waiting for events: {e}"))?;
+    }
+}
 
 /// Starts `f` on a thread `name` of seccomp kind `kind`, for the device `device` (in messages).
 pub fn spawn<F>(

@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
@@ -75,30 +75,7 @@ impl Worker {
 
     /// Hands the rings to the back-end, then serves events until the device is reset.
     pub fn run(self) -> Result<(), String> {
-        let mut manager: EventManager<Worker> =
-            EventManager::new().map_err(|e| format!("creating its event loop: {e}"))?;
-        let id = manager.add_subscriber(self);
-        loop {
-            let w = manager
-                .subscriber_mut(id)
-                .map_err(|e| format!("its event loop lost it: {e:?}"))?;
-            if let Some(why) = w.failure.take() {
-                return Err(why);
-            }
-            if w.done {
-                if w.live {
-                    // Best effort: a back-end that stopped answering is gone anyway.
-                    if let Err(e) = w.conn.stop(w.queues.len()) {
-                        log::debug!("fs {}: taking the vrings back: {e}", w.id);
-                    }
-                }
-                return Ok(());
-            }
-            // A signal's interruption comes back as zero events.
-            manager
-                .run()
-                .map_err(|e| format!("waiting for events: {e}"))?;
-        }
+        crate::virtio::worker::event_loop(self)
     }
 
     fn start(&mut self) -> Result<(), String> {
@@ -168,6 +145,25 @@ impl Worker {
             }
             Err(e) => self.failure = Some(format!("queue {i}: {e}")),
         }
+    }
+}
+
+impl crate::virtio::worker::DeviceLoop for Worker {
+    fn outcome(&mut self) -> Option<Result<(), String>> {
+        if let Some(why) = self.failure.take() {
+            return Some(Err(why));
+        }
+        if !self.done {
+            return None;
+        }
+        if self.live {
+            // Best effort: a back-end that stopped answering is gone anyway.
+            if let Err(e) = self.conn.stop(self.queues.len()) {
+                log::debug!("fs {}: taking the vrings back: {e}", self.id);
+            }
+            self.live = false;
+        }
+        Some(Ok(()))
     }
 }
 
