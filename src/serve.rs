@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::control::{ApiRequest, CreateVm};
 use api::http::{ApiServer, Limits};
+use api::messages::{ApiRequest, CreateVm};
 use api::pod::Explicit;
 use api::VmConfig;
 use hypervisor::Selection;
@@ -22,7 +22,7 @@ pub fn run(
     selection: Selection,
     process_outputs: Vec<vmm::outputs::Named>,
 ) -> ExitCode {
-    let (channel, mailbox) = match api::control::channel() {
+    let (channel, mailbox) = match api::messages::channel() {
         Ok(c) => c,
         Err(e) => return fail(&format!("creating the API mailbox: {e}")),
     };

@@ -5,16 +5,16 @@
 //! Cloud Hypervisor's syntax and parse into the same types.
 //!
 //! Also the REST API's side of podvmm: the HTTP server on the API socket (`http`), the
-//! messages it exchanges with the VMM thread and the `ApiHandler` trait (`control`), the pass
+//! messages it exchanges with the VMM thread and the `ApiHandler` trait (`messages`), the pass
 //! over Cloud Hypervisor fields podvmm does not model (`compat`), pod sizing from Kubernetes
 //! quantities (`pod`, `quantity`) and a client for the socket (`client`).
 
 pub mod client;
 pub mod compat;
 pub mod config;
-pub mod control;
 pub mod devices;
 pub mod http;
+pub mod messages;
 pub mod options;
 pub mod pod;
 pub mod quantity;

@@ -44,9 +44,19 @@ pub fn outputs(config: &VmConfig) -> Vec<Named> {
     v
 }
 
-/// The file a path names (device, inode), following symlinks; None if it does not exist.
-fn identity(p: &Path) -> Option<(u64, u64)> {
-    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+/// Which file a path names: its device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+/// The file `p` names, following symlinks; None if it does not exist.
+fn file_id(p: &Path) -> Option<FileId> {
+    std::fs::metadata(p).ok().map(|m| FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }
 
 /// The path made absolute (not resolved), to compare paths of files that do not exist yet.
@@ -66,9 +76,9 @@ pub fn check(config: &VmConfig, more: &[Named]) -> Result<(), String> {
         if op.as_os_str().is_empty() {
             continue;
         }
-        if let Some(o) = identity(op) {
+        if let Some(o) = file_id(op) {
             for (iw, ip) in &ins {
-                if identity(ip) == Some(o) {
+                if file_id(ip) == Some(o) {
                     return Err(format!(
                         "{ow} {} is the VM's {iw} ({}): podvmm would overwrite it; choose \
                          another file",
@@ -81,7 +91,7 @@ pub fn check(config: &VmConfig, more: &[Named]) -> Result<(), String> {
     }
     for (i, (aw, ap)) in outs.iter().enumerate() {
         for (bw, bp) in &outs[i + 1..] {
-            let same = match (identity(ap), identity(bp)) {
+            let same = match (file_id(ap), file_id(bp)) {
                 (Some(a), Some(b)) => a == b,
                 _ => absolute(ap) == absolute(bp),
             };

@@ -32,7 +32,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::control::ApiHandler;
+use crate::messages::ApiHandler;
 
 /// Where the API lives under the socket.
 pub const API_ROOT: &str = "/api/v1";

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::conn::Request;
 use super::API_ROOT;
 use crate::compat::{self, CompatError};
-use crate::control::{AddDevice, ApiHandler, ApiReply, ApiRequest, CreateVm};
+use crate::messages::{AddDevice, ApiHandler, ApiReply, ApiRequest, CreateVm};
 use crate::pod::Explicit;
 use crate::VmConfig;
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::client::{send_with_fds, Client};
-use crate::control::{ApiError, ApiReply, ApiRequest, ApiResult, PingInfo};
+use crate::messages::{ApiError, ApiReply, ApiRequest, ApiResult, PingInfo};
 
 /// Answers from a script and remembers what it was asked.
 #[derive(Default)]

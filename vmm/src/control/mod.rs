@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
-use api::control::{
+use api::messages::{
     AddDevice, ApiError, ApiReply, ApiRequest, ApiResult, BootDigests, Counters, CreateVm,
     PciDeviceInfo, PingInfo, VmInfo, VmResize, VmState, VmmMailbox,
 };

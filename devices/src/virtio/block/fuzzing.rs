@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::engine::{Engine, EngineKind, SyncEngine, UringEngine};
 use super::request::SECTOR_SHIFT;
-use super::{BlockCounters, DiskInfo, Worker};
+use super::{BlockCounters, OpenDisk, Worker};
 use crate::virtio::Interrupt;
 
 pub struct Harness {
@@ -42,7 +42,7 @@ impl Harness {
             mem,
             Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK)?)),
             engine,
-            DiskInfo {
+            OpenDisk {
                 capacity,
                 readonly,
                 id: "fuzz".into(),

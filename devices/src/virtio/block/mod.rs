@@ -313,7 +313,7 @@ impl Block {
                 ctx.mem.clone(),
                 ctx.interrupt.clone(),
                 engine,
-                DiskInfo {
+                OpenDisk {
                     capacity: self.capacity,
                     readonly: self.cfg.readonly,
                     id: self.cfg.id.clone(),
@@ -336,7 +336,8 @@ impl Block {
     }
 }
 
-struct DiskInfo {
+/// The disk a queue worker serves: the open image, its size, whether it is read-only.
+struct OpenDisk {
     capacity: u64,
     readonly: bool,
     id: String,
@@ -351,7 +352,7 @@ pub struct Worker {
     mem: Arc<GuestMemoryMmap>,
     interrupt: Arc<Interrupt>,
     engine: Box<dyn Engine>,
-    disk: DiskInfo,
+    disk: OpenDisk,
     counters: Arc<BlockCounters>,
     /// Whether a guest error was already logged (log once, count always).
     reported: bool,
@@ -383,7 +384,7 @@ impl Worker {
         mem: Arc<GuestMemoryMmap>,
         interrupt: Arc<Interrupt>,
         engine: Box<dyn Engine>,
-        disk: DiskInfo,
+        disk: OpenDisk,
         counters: Arc<BlockCounters>,
     ) -> Self {
         let size = usize::from(queue.size());

@@ -31,7 +31,7 @@ use super::engine::{Engine, EngineKind, SyncEngine, UringEngine};
 use super::request::{
     ID_BYTES, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
-use super::{Block, BlockConfig, BlockCounters, DiskInfo, Worker};
+use super::{Block, BlockConfig, BlockCounters, OpenDisk, Worker};
 use crate::virtio::{Interrupt, VirtioDevice, INT_USED_RING};
 
 const MEM_SIZE: usize = 16 << 20;
@@ -298,7 +298,7 @@ fn rig_with(
         mem.clone(),
         interrupt.clone(),
         engine,
-        DiskInfo {
+        OpenDisk {
             capacity: block.capacity,
             readonly: block.cfg.readonly,
             id: block.cfg.id.clone(),
