@@ -65,25 +65,7 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 const F_EVENT_IDX: u64 = 1 << 29;
 
-/// MMIO registers the driver touches.
-mod reg {
-    pub const DEVICE_FEATURES: u64 = 0x10;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
-    pub const DRIVER_FEATURES: u64 = 0x20;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
-    pub const QUEUE_SEL: u64 = 0x30;
-    pub const QUEUE_NUM: u64 = 0x38;
-    pub const QUEUE_READY: u64 = 0x44;
-    pub const INTERRUPT_STATUS: u64 = 0x60;
-    pub const INTERRUPT_ACK: u64 = 0x64;
-    pub const STATUS: u64 = 0x70;
-    pub const QUEUE_DESC_LOW: u64 = 0x80;
-    pub const QUEUE_DESC_HIGH: u64 = 0x84;
-    pub const QUEUE_AVAIL_LOW: u64 = 0x90;
-    pub const QUEUE_AVAIL_HIGH: u64 = 0x94;
-    pub const QUEUE_USED_LOW: u64 = 0xa0;
-    pub const QUEUE_USED_HIGH: u64 = 0xa4;
-}
+use devices::virtio::mmio::reg;
 
 /// xorshift64*: cheap, deterministic per queue.
 struct Rng(u64);

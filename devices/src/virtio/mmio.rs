@@ -12,37 +12,42 @@ use crate::bus::BusDevice;
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
 /// Offset of the queue-notify register, where the VMM places the ioeventfds.
-pub const NOTIFY_OFFSET: u64 = 0x50;
+pub const NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR: u32 = 0x504f_4456; // "VDOP": podvmm
-const CONFIG_OFFSET: u64 = 0x100;
+const CONFIG_OFFSET: u64 = reg::CONFIG;
 
-mod reg {
-    pub const MAGIC: u64 = 0x00;
-    pub const VERSION: u64 = 0x04;
-    pub const DEVICE_ID: u64 = 0x08;
-    pub const VENDOR_ID: u64 = 0x0c;
-    pub const DEVICE_FEATURES: u64 = 0x10;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
-    pub const DRIVER_FEATURES: u64 = 0x20;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
-    pub const QUEUE_SEL: u64 = 0x30;
-    pub const QUEUE_NUM_MAX: u64 = 0x34;
-    pub const QUEUE_NUM: u64 = 0x38;
-    pub const QUEUE_READY: u64 = 0x44;
-    pub const QUEUE_NOTIFY: u64 = 0x50;
-    pub const INTERRUPT_STATUS: u64 = 0x60;
-    pub const INTERRUPT_ACK: u64 = 0x64;
-    pub const STATUS: u64 = 0x70;
-    pub const QUEUE_DESC_LOW: u64 = 0x80;
-    pub const QUEUE_DESC_HIGH: u64 = 0x84;
-    pub const QUEUE_AVAIL_LOW: u64 = 0x90;
-    pub const QUEUE_AVAIL_HIGH: u64 = 0x94;
-    pub const QUEUE_USED_LOW: u64 = 0xa0;
-    pub const QUEUE_USED_HIGH: u64 = 0xa4;
-    pub const CONFIG_GENERATION: u64 = 0xfc;
+/// The register map (virtio 1.x, 4.2.2), from virtio-bindings' `virtio_mmio`, as offsets into
+/// the window.
+pub mod reg {
+    use virtio_bindings::virtio_mmio as m;
+
+    pub const MAGIC: u64 = m::VIRTIO_MMIO_MAGIC_VALUE as u64;
+    pub const VERSION: u64 = m::VIRTIO_MMIO_VERSION as u64;
+    pub const DEVICE_ID: u64 = m::VIRTIO_MMIO_DEVICE_ID as u64;
+    pub const VENDOR_ID: u64 = m::VIRTIO_MMIO_VENDOR_ID as u64;
+    pub const DEVICE_FEATURES: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+    pub const DEVICE_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+    pub const DRIVER_FEATURES: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+    pub const DRIVER_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+    pub const QUEUE_SEL: u64 = m::VIRTIO_MMIO_QUEUE_SEL as u64;
+    pub const QUEUE_NUM_MAX: u64 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+    pub const QUEUE_NUM: u64 = m::VIRTIO_MMIO_QUEUE_NUM as u64;
+    pub const QUEUE_READY: u64 = m::VIRTIO_MMIO_QUEUE_READY as u64;
+    pub const QUEUE_NOTIFY: u64 = m::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+    pub const INTERRUPT_STATUS: u64 = m::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+    pub const INTERRUPT_ACK: u64 = m::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+    pub const STATUS: u64 = m::VIRTIO_MMIO_STATUS as u64;
+    pub const QUEUE_DESC_LOW: u64 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+    pub const QUEUE_DESC_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+    pub const QUEUE_AVAIL_LOW: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+    pub const QUEUE_AVAIL_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+    pub const QUEUE_USED_LOW: u64 = m::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+    pub const QUEUE_USED_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+    pub const CONFIG_GENERATION: u64 = m::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+    pub const CONFIG: u64 = m::VIRTIO_MMIO_CONFIG as u64;
 }
 
 /// Counters a transport keeps about its driver's behaviour.

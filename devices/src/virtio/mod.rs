@@ -23,31 +23,34 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use mmio::MmioTransport;
 
-/// Feature bits common to every device.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+use virtio_bindings::{virtio_config, virtio_ids, virtio_mmio, virtio_ring};
+
+/// Feature bits common to every device (virtio-bindings' bit numbers, as masks).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 /// Device status bits (virtio 1.x, 2.1).
 pub mod status {
-    pub const ACKNOWLEDGE: u32 = 1;
-    pub const DRIVER: u32 = 2;
-    pub const DRIVER_OK: u32 = 4;
-    pub const FEATURES_OK: u32 = 8;
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
-    pub const FAILED: u32 = 128;
+    use virtio_bindings::virtio_config as c;
+    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
+    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
+    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
+    pub const DEVICE_NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
+    pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
 /// Device type ids.
-pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_RNG: u32 = 4;
-pub const TYPE_VSOCK: u32 = 19;
-pub const TYPE_FS: u32 = 26;
+pub const TYPE_NET: u32 = virtio_ids::VIRTIO_ID_NET;
+pub const TYPE_BLOCK: u32 = virtio_ids::VIRTIO_ID_BLOCK;
+pub const TYPE_RNG: u32 = virtio_ids::VIRTIO_ID_RNG;
+pub const TYPE_VSOCK: u32 = virtio_ids::VIRTIO_ID_VSOCK;
+pub const TYPE_FS: u32 = virtio_ids::VIRTIO_ID_FS;
 
 /// Interrupt status bits (MMIO `InterruptStatus`).
-pub const INT_USED_RING: u32 = 1;
-pub const INT_CONFIG: u32 = 2;
+pub const INT_USED_RING: u32 = virtio_mmio::VIRTIO_MMIO_INT_VRING;
+pub const INT_CONFIG: u32 = virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// The device's interrupt line: a status word the driver reads and acknowledges, and the
 /// `EventFd` the VMM wired to the guest interrupt controller.

@@ -7,21 +7,23 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 pub const SECTOR_SIZE: u64 = 512;
 pub const SECTOR_SHIFT: u32 = 9;
 
+use virtio_bindings::virtio_blk as b;
+
 /// Request types (virtio 1.x, 5.2.6).
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
+pub const T_IN: u32 = b::VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = b::VIRTIO_BLK_T_OUT;
+pub const T_FLUSH: u32 = b::VIRTIO_BLK_T_FLUSH;
+pub const T_GET_ID: u32 = b::VIRTIO_BLK_T_GET_ID;
+pub const T_DISCARD: u32 = b::VIRTIO_BLK_T_DISCARD;
+pub const T_WRITE_ZEROES: u32 = b::VIRTIO_BLK_T_WRITE_ZEROES;
 
 /// Status codes written back to the driver.
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+pub const S_OK: u8 = b::VIRTIO_BLK_S_OK as u8;
+pub const S_IOERR: u8 = b::VIRTIO_BLK_S_IOERR as u8;
+pub const S_UNSUPP: u8 = b::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Length of the GET_ID answer.
-pub const ID_BYTES: u32 = 20;
+pub const ID_BYTES: u32 = b::VIRTIO_BLK_ID_BYTES;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestType {

@@ -160,20 +160,7 @@ fn bad_configurations_are_refused() {
 
 // ------------------------------------------------------- through the MMIO transport --
 
-mod reg {
-    pub const DEVICE_FEATURES: u64 = 0x10;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
-    pub const DRIVER_FEATURES: u64 = 0x20;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
-    pub const QUEUE_SEL: u64 = 0x30;
-    pub const QUEUE_NUM: u64 = 0x38;
-    pub const QUEUE_READY: u64 = 0x44;
-    pub const QUEUE_NOTIFY: u64 = 0x50;
-    pub const STATUS: u64 = 0x70;
-    pub const QUEUE_DESC_LOW: u64 = 0x80;
-    pub const QUEUE_AVAIL_LOW: u64 = 0x90;
-    pub const QUEUE_USED_LOW: u64 = 0xa0;
-}
+use crate::virtio::mmio::reg;
 
 fn w(t: &mut MmioTransport, off: u64, v: u32) {
     t.write(off, &v.to_le_bytes());
