@@ -66,8 +66,8 @@ where
         };
         failures.fetch_add(1, Ordering::Relaxed);
         interrupt.signal_needs_reset();
-        eprintln!(
-            "podvmm: {device}: worker thread {thread} stopped: {why}; the device asks the \
+        log::error!(
+            "{device}: worker thread {thread} stopped: {why}; the device asks the \
                  guest for a reset, the VM goes on"
         );
     })

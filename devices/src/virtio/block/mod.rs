@@ -502,8 +502,8 @@ impl Worker {
             .fetch_add(1, Ordering::Relaxed);
         if !self.reported {
             self.reported = true;
-            eprintln!(
-                "podvmm: disk {}: invalid request from the guest: {e} (further ones are only counted)",
+            log::warn!(
+                "disk {}: invalid request from the guest: {e} (further ones are only counted)",
                 self.disk.id
             );
         }

@@ -99,13 +99,13 @@ impl CtrlQueue {
             let want = i < usize::from(n);
             if want {
                 if let Err(e) = p.backend.set_queue_enabled(true) {
-                    eprintln!("podvmm: net {}: attaching TAP queue {i}: {e}", self.id);
+                    log::warn!("net {}: attaching TAP queue {i}: {e}", self.id);
                 }
                 p.enabled.store(true, Ordering::SeqCst);
             } else {
                 p.enabled.store(false, Ordering::SeqCst);
                 if let Err(e) = p.backend.set_queue_enabled(false) {
-                    eprintln!("podvmm: net {}: detaching TAP queue {i}: {e}", self.id);
+                    log::warn!("net {}: detaching TAP queue {i}: {e}", self.id);
                 }
             }
             let _ = p.wake.write(1);
@@ -136,7 +136,7 @@ impl CtrlQueue {
                 Err(e) => {
                     self.counters.ctrl_errors.fetch_add(1, Ordering::Relaxed);
                     if !matches!(e, CtrlError::Unsupported(..)) {
-                        eprintln!("podvmm: net {}: control queue: {e}", self.id);
+                        log::warn!("net {}: control queue: {e}", self.id);
                     }
                     VIRTIO_NET_ERR as u8
                 }

@@ -238,9 +238,7 @@ impl Vsock {
             move || {
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| muxer.run()));
                 if run.is_err() {
-                    eprintln!(
-                        "podvmm: vsock: the device thread panicked; vsock is down, the VM goes on"
-                    );
+                    log::error!("vsock: the device thread panicked; vsock is down, the VM goes on");
                 }
             },
         )

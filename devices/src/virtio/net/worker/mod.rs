@@ -195,8 +195,8 @@ impl QueuePair {
     fn note_guest_error(&mut self, what: &str, e: &dyn std::fmt::Display) {
         if !self.reported {
             self.reported = true;
-            eprintln!(
-                "podvmm: net {}: {what}: {e} (further ones are only counted)",
+            log::warn!(
+                "net {}: {what}: {e} (further ones are only counted)",
                 self.id
             );
         }
@@ -205,8 +205,8 @@ impl QueuePair {
     fn broken_queue(&mut self) {
         if !self.broken {
             self.broken = true;
-            eprintln!(
-                "podvmm: net {}: the guest's queue is corrupt; the device needs a reset",
+            log::warn!(
+                "net {}: the guest's queue is corrupt; the device needs a reset",
                 self.id
             );
             self.interrupt.signal_needs_reset();

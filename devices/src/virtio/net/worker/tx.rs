@@ -137,8 +137,8 @@ impl QueuePair {
     pub(super) fn note_denied(&mut self, what: &str) {
         let first = self.counters.tx_denied.fetch_add(1, Ordering::Relaxed) == 0;
         if first {
-            eprintln!(
-                "podvmm: net {}: {what} (egress deny list; further ones are only counted)",
+            log::warn!(
+                "net {}: {what} (egress deny list; further ones are only counted)",
                 self.id
             );
         }

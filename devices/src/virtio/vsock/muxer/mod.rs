@@ -269,9 +269,9 @@ impl Log {
 
     fn say(&mut self, msg: std::fmt::Arguments) {
         if self.printed < Self::LIMIT {
-            eprintln!("podvmm: vsock: {msg}");
+            log::warn!("vsock: {msg}");
         } else if self.printed == Self::LIMIT {
-            eprintln!("podvmm: vsock: further messages suppressed (see the device counters)");
+            log::warn!("vsock: further messages suppressed (see the device counters)");
         }
         self.printed = self.printed.saturating_add(1);
     }
