@@ -14,7 +14,7 @@ pub mod rng;
 pub mod vsock;
 pub mod worker;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -145,6 +145,19 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// A device's counters as `vm.counters` reports them: each name with its value now.
+pub trait DeviceCounters: Send + Sync {
+    fn snapshot(&self) -> Vec<(&'static str, u64)>;
+}
+
+/// Reads each named counter.
+pub(crate) fn read_counters(entries: &[(&'static str, &AtomicU64)]) -> Vec<(&'static str, u64)> {
+    entries
+        .iter()
+        .map(|(k, v)| (*k, v.load(Ordering::Relaxed)))
+        .collect()
+}
+
 /// Copies the bytes of `config` at `offset` into `data`, or zeroes where out of range.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
@@ -154,5 +167,75 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
             .and_then(|o| config.get(o))
             .copied()
             .unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod counter_tests {
+    use super::DeviceCounters;
+
+    fn names(c: &dyn DeviceCounters) -> Vec<&'static str> {
+        c.snapshot().into_iter().map(|(k, _)| k).collect()
+    }
+
+    /// The names are `vm.counters`' API: clients read them.
+    #[test]
+    fn counter_names_are_the_api_s() {
+        let disk = super::block::BlockCounters::default();
+        disk.reads
+            .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(disk.snapshot()[0], ("read_ops", 3));
+        assert_eq!(
+            names(&disk),
+            [
+                "read_ops",
+                "write_ops",
+                "flush_ops",
+                "read_bytes",
+                "write_bytes",
+                "invalid_requests",
+                "io_errors",
+                "syncs",
+                "interrupts",
+                "worker_failures"
+            ]
+        );
+        assert_eq!(
+            names(&super::net::NetCounters::default()),
+            [
+                "rx_frames",
+                "rx_bytes",
+                "tx_frames",
+                "tx_bytes",
+                "tx_invalid",
+                "rx_invalid",
+                "tx_denied",
+                "tx_errors",
+                "rx_dropped",
+                "rx_stalls",
+                "ctrl_errors",
+                "worker_failures"
+            ]
+        );
+        assert_eq!(
+            names(&super::rng::RngCounters::default()),
+            [
+                "bytes",
+                "requests",
+                "invalid_requests",
+                "source_errors",
+                "worker_failures"
+            ]
+        );
+        assert_eq!(
+            names(&super::fs::FsCounters::default()),
+            [
+                "backend_connected",
+                "backend_lost",
+                "failed_requests",
+                "activations",
+                "worker_failures"
+            ]
+        );
     }
 }

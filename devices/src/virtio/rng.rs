@@ -56,6 +56,18 @@ pub struct RngCounters {
     pub source_errors: AtomicU64,
 }
 
+impl super::DeviceCounters for RngCounters {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        super::read_counters(&[
+            ("bytes", &self.bytes),
+            ("requests", &self.requests),
+            ("invalid_requests", &self.invalid_requests),
+            ("source_errors", &self.source_errors),
+            ("worker_failures", &self.worker_failures),
+        ])
+    }
+}
+
 pub struct Rng {
     source: Arc<File>,
     path: PathBuf,

@@ -13,7 +13,6 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
 
 use api::messages::{
     AddDevice, ApiError, ApiReply, ApiRequest, ApiResult, BootDigests, Counters, CreateVm,
@@ -22,6 +21,7 @@ use api::messages::{
 use api::pod::{self, Sizing};
 use api::{DiskConfig, FsConfig, ImageType, NetConfig, VmConfig, VsockConfig};
 use devices::virtio::block::image::{self, ImageFormat};
+use devices::virtio::DeviceCounters;
 use hypervisor::Selection;
 use sha2::{Digest, Sha256};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -329,79 +329,41 @@ impl Vmm {
                 record.state
             )));
         };
-        let mut counters = Counters::new();
-        for disk in &vm.devices().disks {
-            let c = &disk.counters;
-            let entries = [
-                ("read_ops", &c.reads),
-                ("write_ops", &c.writes),
-                ("flush_ops", &c.flushes),
-                ("read_bytes", &c.read_bytes),
-                ("write_bytes", &c.write_bytes),
-                ("invalid_requests", &c.invalid_requests),
-                ("io_errors", &c.io_errors),
-                ("syncs", &c.syncs),
-                ("interrupts", &c.interrupts),
-                ("worker_failures", &*c.worker_failures),
-            ];
-            counters.insert(
-                disk.id.clone(),
-                entries
+        // Each device's counters come from the device (`DeviceCounters`); the VMM only names
+        // them by device id.
+        let devices = vm.devices();
+        let named = devices
+            .disks
+            .iter()
+            .map(|d| (d.id.clone(), &*d.counters as &dyn DeviceCounters))
+            .chain(
+                devices
+                    .nets
                     .iter()
-                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
-                    .collect(),
-            );
-        }
-        for net in &vm.devices().nets {
-            let c = &net.counters;
-            let entries = [
-                ("rx_frames", &c.rx_frames),
-                ("rx_bytes", &c.rx_bytes),
-                ("tx_frames", &c.tx_frames),
-                ("tx_bytes", &c.tx_bytes),
-                ("tx_invalid", &c.tx_invalid),
-                ("rx_invalid", &c.rx_invalid),
-                ("tx_denied", &c.tx_denied),
-                ("tx_errors", &c.tx_errors),
-                ("rx_dropped", &c.rx_dropped),
-                ("rx_stalls", &c.rx_stalls),
-                ("ctrl_errors", &c.ctrl_errors),
-                ("worker_failures", &*c.worker_failures),
-            ];
-            counters.insert(
-                net.id.clone(),
-                entries
+                    .map(|n| (n.id.clone(), &*n.counters as &dyn DeviceCounters)),
+            )
+            .chain(
+                devices
+                    .fs
                     .iter()
-                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
-                    .collect(),
+                    .map(|f| (f.id.clone(), &*f.counters as &dyn DeviceCounters)),
+            )
+            .chain(
+                devices
+                    .rng
+                    .iter()
+                    .map(|r| ("rng".to_string(), &**r as &dyn DeviceCounters)),
             );
-        }
-        for fs in &vm.devices().fs {
-            counters.insert(
-                fs.id.clone(),
-                fs.counters
+        let counters: Counters = named
+            .map(|(id, c)| {
+                let values = c
                     .snapshot()
                     .into_iter()
                     .map(|(k, v)| (k.to_string(), v))
-                    .collect(),
-            );
-        }
-        if let Some(c) = &vm.devices().rng {
-            let entries = [
-                ("bytes", &c.bytes),
-                ("requests", &c.requests),
-                ("invalid_requests", &c.invalid_requests),
-                ("source_errors", &c.source_errors),
-                ("worker_failures", &*c.worker_failures),
-            ];
-            counters.insert(
-                "rng".to_string(),
-                entries
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.load(Ordering::Relaxed)))
-                    .collect(),
-            );
-        }
+                    .collect();
+                (id, values)
+            })
+            .collect();
         Ok(counters)
     }
 

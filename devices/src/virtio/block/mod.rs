@@ -101,6 +101,23 @@ pub struct BlockCounters {
     pub interrupts: AtomicU64,
 }
 
+impl super::DeviceCounters for BlockCounters {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        super::read_counters(&[
+            ("read_ops", &self.reads),
+            ("write_ops", &self.writes),
+            ("flush_ops", &self.flushes),
+            ("read_bytes", &self.read_bytes),
+            ("write_bytes", &self.write_bytes),
+            ("invalid_requests", &self.invalid_requests),
+            ("io_errors", &self.io_errors),
+            ("syncs", &self.syncs),
+            ("interrupts", &self.interrupts),
+            ("worker_failures", &self.worker_failures),
+        ])
+    }
+}
+
 pub struct Block {
     file: Arc<File>,
     cfg: BlockConfig,

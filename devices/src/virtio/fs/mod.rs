@@ -103,25 +103,15 @@ pub struct FsCounters {
     pub worker_failures: Arc<AtomicU64>,
 }
 
-impl FsCounters {
-    /// Name and value of each counter.
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            (
-                "backend_connected",
-                self.backend_connected.load(Ordering::Relaxed),
-            ),
-            ("backend_lost", self.backend_lost.load(Ordering::Relaxed)),
-            (
-                "failed_requests",
-                self.failed_requests.load(Ordering::Relaxed),
-            ),
-            ("activations", self.activations.load(Ordering::Relaxed)),
-            (
-                "worker_failures",
-                self.worker_failures.load(Ordering::Relaxed),
-            ),
-        ]
+impl crate::virtio::DeviceCounters for FsCounters {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        crate::virtio::read_counters(&[
+            ("backend_connected", &self.backend_connected),
+            ("backend_lost", &self.backend_lost),
+            ("failed_requests", &self.failed_requests),
+            ("activations", &self.activations),
+            ("worker_failures", &self.worker_failures),
+        ])
     }
 }
 

@@ -79,6 +79,25 @@ pub struct NetCounters {
     pub ctrl_errors: AtomicU64,
 }
 
+impl crate::virtio::DeviceCounters for NetCounters {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        crate::virtio::read_counters(&[
+            ("rx_frames", &self.rx_frames),
+            ("rx_bytes", &self.rx_bytes),
+            ("tx_frames", &self.tx_frames),
+            ("tx_bytes", &self.tx_bytes),
+            ("tx_invalid", &self.tx_invalid),
+            ("rx_invalid", &self.rx_invalid),
+            ("tx_denied", &self.tx_denied),
+            ("tx_errors", &self.tx_errors),
+            ("rx_dropped", &self.rx_dropped),
+            ("rx_stalls", &self.rx_stalls),
+            ("ctrl_errors", &self.ctrl_errors),
+            ("worker_failures", &self.worker_failures),
+        ])
+    }
+}
+
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
