@@ -4,6 +4,13 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -51,6 +58,12 @@ pub enum Error {
     CmdlineNul,
     #[error(transparent)]
     MpTable(#[from] mptable::Error),
+    #[error("writing the {what}: {source}")]
+    BootParams {
+        what: &'static str,
+        #[source]
+        source: linux_loader::configurator::Error,
+    },
     #[error("writing {what} to guest memory at {addr:#x}: {source}")]
     GuestMemory {
         what: &'static str,
@@ -94,25 +107,11 @@ pub const PVH_CMDLINE_MAX: usize = 2048;
 const PVH_MAGIC: u32 = 0x336e_c578;
 const PVH_VERSION: u32 = 1;
 
-/// Offsets in the zero page (struct boot_params) and its setup header.
-mod zp {
-    pub const E820_ENTRIES: usize = 0x1e8;
-    pub const SETUP_HEADER: usize = 0x1f1;
-    pub const BOOT_FLAG: usize = 0x1fe;
-    pub const HEADER_MAGIC: usize = 0x202;
-    pub const SETUP_HEADER_END_BYTE: usize = 0x201;
-    pub const TYPE_OF_LOADER: usize = 0x210;
-    pub const LOADFLAGS: usize = 0x211;
-    pub const RAMDISK_IMAGE: usize = 0x218;
-    pub const RAMDISK_SIZE: usize = 0x21c;
-    pub const HEAP_END_PTR: usize = 0x224;
-    pub const CMD_LINE_PTR: usize = 0x228;
-    pub const INITRD_ADDR_MAX: usize = 0x22c;
-    pub const KERNEL_ALIGNMENT: usize = 0x230;
-    pub const CMDLINE_SIZE: usize = 0x238;
-    pub const E820_TABLE: usize = 0x2d0;
-    pub const E820_MAX: usize = 128;
-}
+/// `boot_params.hdr.boot_flag` and `header` for a kernel without a setup header of its own.
+const BOOT_FLAG: u16 = 0xaa55;
+const HDRS_MAGIC: u32 = 0x5372_6448; // "HdrS"
+/// `type_of_loader`: a boot loader without an assigned id.
+const LOADER_OTHER: u8 = 0xff;
 
 const LOADFLAG_CAN_USE_HEAP: u8 = 0x80;
 
@@ -132,7 +131,10 @@ fn detect(mut file: &File, path: &Path) -> Result<Format> {
     if n >= 4 && head[..4] == *b"\x7fELF" {
         return Ok(Format::Elf);
     }
-    if n >= 0x206 && head[zp::HEADER_MAGIC..zp::HEADER_MAGIC + 4] == *b"HdrS" {
+    // The setup header's magic, at 0x202 in the file (`boot_params.hdr.header`).
+    if n >= 0x206
+        && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == HDRS_MAGIC
+    {
         return Ok(Format::BzImage);
     }
     Err(Error::UnknownFormat {
@@ -194,25 +196,18 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo>
         Format::BzImage => {
             let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
-            let mut header = vec![0u8; 0x268 - zp::SETUP_HEADER];
-            file.seek(SeekFrom::Start(zp::SETUP_HEADER as u64))
-                .and_then(|_| read_up_to(file, &mut header))
-                .map_err(|source| Error::OpenKernel {
-                    path: path.to_owned(),
-                    source,
-                })?;
             // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
             let boot = BootInfo {
                 mode: EntryMode::Linux64,
                 entry: r.kernel_load.raw_value() + 0x200,
             };
-            (boot, Some(header), r.kernel_end)
+            (boot, r.setup_header, r.kernel_end)
         }
     };
 
     let cmdline_max = match &setup_header {
         Some(h) => {
-            let size = le_u32(h, zp::CMDLINE_SIZE - zp::SETUP_HEADER) as usize;
+            let size = h.cmdline_size as usize;
             // Protocols before 2.06 do not report it; they allow 255 bytes.
             if size == 0 {
                 256
@@ -237,7 +232,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo>
     write_mem(mem, "command line", CMDLINE_ADDR, &cmd)?;
 
     let initrd_max = match &setup_header {
-        Some(h) => u64::from(le_u32(h, zp::INITRD_ADDR_MAX - zp::SETUP_HEADER)),
+        Some(h) => u64::from(h.initrd_addr_max),
         None => u64::MAX,
     };
     let initrd = match spec.initramfs {
@@ -256,15 +251,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo>
     let e820 = e820_map(spec.mem_size);
     match boot.mode {
         EntryMode::Pvh => write_pvh_info(mem, &e820, initrd)?,
-        EntryMode::Linux64 => write_zero_page(mem, setup_header.as_deref(), &e820, initrd)?,
+        EntryMode::Linux64 => write_zero_page(mem, setup_header, &e820, initrd)?,
     }
     Ok(boot)
-}
-
-fn le_u32(b: &[u8], off: usize) -> u32 {
-    b.get(off..off + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .unwrap_or(0)
 }
 
 /// Places the initramfs at the highest page-aligned address that fits, as bootloaders do,
@@ -301,85 +290,88 @@ fn load_initramfs(
     Ok((addr, size))
 }
 
+/// The PVH start info, its memory map and module list, through linux-loader's configurator.
 fn write_pvh_info(
     mem: &GuestMemoryMmap,
     e820: &[(u64, u64, u32)],
     initrd: Option<(u64, u64)>,
 ) -> Result<()> {
-    let mut memmap = Vec::with_capacity(e820.len() * 24);
-    for &(addr, size, kind) in e820 {
-        memmap.extend_from_slice(&addr.to_le_bytes());
-        memmap.extend_from_slice(&size.to_le_bytes());
-        memmap.extend_from_slice(&kind.to_le_bytes());
-        memmap.extend_from_slice(&0u32.to_le_bytes());
-    }
-    write_mem(mem, "PVH memory map", PVH_MEMMAP_ADDR, &memmap)?;
-    let nr_modules: u32 = if let Some((addr, size)) = initrd {
-        let mut module = Vec::with_capacity(32);
-        module.extend_from_slice(&addr.to_le_bytes());
-        module.extend_from_slice(&size.to_le_bytes());
-        module.extend_from_slice(&[0u8; 16]); // no module command line, reserved
-        write_mem(mem, "PVH module list", PVH_MODLIST_ADDR, &module)?;
-        1
-    } else {
-        0
+    let memmap: Vec<hvm_memmap_table_entry> = e820
+        .iter()
+        .map(|&(addr, size, type_)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        })
+        .collect();
+    let modules: Vec<hvm_modlist_entry> = initrd
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    let info = hvm_start_info {
+        magic: PVH_MAGIC,
+        version: PVH_VERSION,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: PVH_MODLIST_ADDR,
+        cmdline_paddr: CMDLINE_ADDR,
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
     };
-    let mut info = Vec::with_capacity(56);
-    info.extend_from_slice(&PVH_MAGIC.to_le_bytes());
-    info.extend_from_slice(&PVH_VERSION.to_le_bytes());
-    info.extend_from_slice(&0u32.to_le_bytes()); // flags
-    info.extend_from_slice(&nr_modules.to_le_bytes());
-    info.extend_from_slice(&PVH_MODLIST_ADDR.to_le_bytes());
-    info.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes()); // no ACPI RSDP
-    info.extend_from_slice(&PVH_MEMMAP_ADDR.to_le_bytes());
-    info.extend_from_slice(&(e820.len() as u32).to_le_bytes());
-    info.extend_from_slice(&0u32.to_le_bytes());
-    write_mem(mem, "PVH start info", PVH_INFO_ADDR, &info)
+    let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_ADDR));
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_ADDR));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(PVH_MODLIST_ADDR));
+    }
+    PvhBootConfigurator::write_bootparams(&params, mem).map_err(|source| Error::BootParams {
+        what: "PVH start info",
+        source,
+    })
 }
 
+/// The Linux zero page (`boot_params`), through linux-loader's configurator: a bzImage's own
+/// setup header, or for a plain vmlinux the fields the kernel checks.
 fn write_zero_page(
     mem: &GuestMemoryMmap,
-    setup_header: Option<&[u8]>,
+    setup_header: Option<setup_header>,
     e820: &[(u64, u64, u32)],
     initrd: Option<(u64, u64)>,
 ) -> Result<()> {
-    let mut zp = vec![0u8; 4096];
+    let mut zp = boot_params::default();
     match setup_header {
-        // bzImage: start from the kernel's own header, up to where it says it ends.
-        Some(h) => {
-            let end = (0x202 + usize::from(h[zp::SETUP_HEADER_END_BYTE - zp::SETUP_HEADER]))
-                .clamp(0x202, 0x268);
-            let len = end - zp::SETUP_HEADER;
-            zp[zp::SETUP_HEADER..end].copy_from_slice(&h[..len]);
-        }
-        // A plain vmlinux has no header; write the fields the kernel checks.
+        Some(h) => zp.hdr = h,
         None => {
-            zp[zp::BOOT_FLAG..zp::BOOT_FLAG + 2].copy_from_slice(&0xaa55u16.to_le_bytes());
-            zp[zp::HEADER_MAGIC..zp::HEADER_MAGIC + 4].copy_from_slice(b"HdrS");
-            put32(&mut zp, zp::KERNEL_ALIGNMENT, 0x100_0000);
-            put32(&mut zp, zp::CMDLINE_SIZE, (PVH_CMDLINE_MAX - 1) as u32);
+            zp.hdr.boot_flag = BOOT_FLAG;
+            zp.hdr.header = HDRS_MAGIC;
+            zp.hdr.kernel_alignment = 0x100_0000;
+            zp.hdr.cmdline_size = (PVH_CMDLINE_MAX - 1) as u32;
         }
     }
-    zp[zp::TYPE_OF_LOADER] = 0xff;
-    zp[zp::LOADFLAGS] |= LOADFLAG_CAN_USE_HEAP;
-    zp[zp::HEAP_END_PTR..zp::HEAP_END_PTR + 2].copy_from_slice(&0xfe00u16.to_le_bytes());
-    put32(&mut zp, zp::CMD_LINE_PTR, CMDLINE_ADDR as u32);
+    zp.hdr.type_of_loader = LOADER_OTHER;
+    zp.hdr.loadflags |= LOADFLAG_CAN_USE_HEAP;
+    zp.hdr.heap_end_ptr = 0xfe00;
+    zp.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     if let Some((addr, size)) = initrd {
-        put32(&mut zp, zp::RAMDISK_IMAGE, addr as u32);
-        put32(&mut zp, zp::RAMDISK_SIZE, size as u32);
+        zp.hdr.ramdisk_image = addr as u32;
+        zp.hdr.ramdisk_size = size as u32;
     }
-    let entries = e820.len().min(zp::E820_MAX);
-    zp[zp::E820_ENTRIES] = entries as u8;
-    for (i, &(addr, size, kind)) in e820.iter().take(entries).enumerate() {
-        let off = zp::E820_TABLE + i * 20;
-        zp[off..off + 8].copy_from_slice(&addr.to_le_bytes());
-        zp[off + 8..off + 16].copy_from_slice(&size.to_le_bytes());
-        zp[off + 16..off + 20].copy_from_slice(&kind.to_le_bytes());
+    let entries = e820.len().min(zp.e820_table.len());
+    zp.e820_entries = entries as u8;
+    for (slot, &(addr, size, type_)) in zp.e820_table.iter_mut().zip(e820) {
+        *slot = boot_e820_entry {
+            addr,
+            size,
+            r#type: type_,
+        };
     }
-    write_mem(mem, "zero page", ZERO_PAGE_ADDR, &zp)
-}
-
-fn put32(buf: &mut [u8], off: usize, v: u32) {
-    buf[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let params = BootParams::new(&zp, GuestAddress(ZERO_PAGE_ADDR));
+    LinuxBootConfigurator::write_bootparams(&params, mem).map_err(|source| Error::BootParams {
+        what: "zero page",
+        source,
+    })
 }
