@@ -240,6 +240,13 @@ pub trait Vcpu: Send {
     fn inject_exception(&self, vector: u8) -> Result<()>;
     /// Runs the vCPU until an exit the VMM must see; I/O exits go to `ops`.
     fn run(&mut self, ops: &dyn VmOps) -> Result<VcpuExit>;
+    /// A byte that, set non-zero (from a signal handler on this vCPU's thread), makes the
+    /// next entry into the guest return at once (KVM's `kvm_run.immediate_exit`), so a kick
+    /// landing just before the entry is not lost; `run` clears it. Valid as long as the vCPU
+    /// lives. None where the hypervisor has no such flag (MSHV).
+    fn immediate_exit(&mut self) -> Option<std::ptr::NonNull<u8>> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub(crate) struct VcpuContext {
 
 pub(crate) fn run(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
     let id = vcpu.id();
+    // Dropped before `vcpu` (declared after it), so the kick handler never sees a dead flag.
+    let _immediate_exit = crate::vm::lifecycle::ImmediateExit::install(vcpu.immediate_exit());
     let reason = loop {
         // Parks here while the VM is paused; false when the VMM is tearing the VM down.
         if !ctx.control.checkpoint() {

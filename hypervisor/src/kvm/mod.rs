@@ -444,6 +444,12 @@ impl crate::Vcpu for KvmVcpu {
             .map_err(|e| Error::os("KVM_SET_VCPU_EVENTS", e))
     }
 
+    fn immediate_exit(&mut self) -> Option<std::ptr::NonNull<u8>> {
+        Some(std::ptr::NonNull::from(
+            &mut self.fd.get_kvm_run().immediate_exit,
+        ))
+    }
+
     fn run(&mut self, ops: &dyn VmOps) -> Result<VcpuExit> {
         let mut internal_error = false;
         let exit = match self.fd.run() {
@@ -479,7 +485,11 @@ impl crate::Vcpu for KvmVcpu {
                 "KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"
             )),
             Ok(other) => VcpuExit::Unhandled(format!("{other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => VcpuExit::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: the next entry must run the guest again.
+                self.fd.set_kvm_immediate_exit(0);
+                VcpuExit::Continue
+            }
             Err(e) => return Err(Error::os("KVM_RUN", e)),
         };
         // Internal errors carry their detail in the run area, read once the exit's borrow ended.

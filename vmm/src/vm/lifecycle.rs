@@ -2,13 +2,16 @@
 //!
 //! Each vCPU thread calls [`VcpuControl::checkpoint`] before every entry into the guest. To
 //! pause or stop, the VMM thread sets the request, then kicks the vCPU threads out of the
-//! guest with a real-time signal whose handler does nothing (the interrupted `KVM_RUN` or
-//! `MSHV_RUN_VP` returns `EINTR`), and repeats the kick until every thread has acknowledged
-//! (parked or exited). The repeat closes the one window a single signal leaves open: a signal
-//! that lands after the checkpoint but before the thread re-enters the guest is consumed
-//! outside the guest, and the next kick, a millisecond later, interrupts it. Requests and
-//! acknowledgements go through one mutex and condition variable, so no wake-up is lost.
+//! guest with a real-time signal (the interrupted `KVM_RUN` or `MSHV_RUN_VP` returns `EINTR`).
+//! A signal that lands after the checkpoint but before the thread re-enters the guest would
+//! be consumed outside the guest; on KVM the handler sets the vCPU's `immediate_exit`, so that
+//! entry returns at once and the thread reaches its checkpoint: one kick is enough. On MSHV,
+//! which has no such flag, the kick is repeated every millisecond until every thread has
+//! acknowledged (parked or exited); on KVM the repeat (every 50 ms) is only a safety net.
+//! Requests and acknowledgements go through one mutex and condition variable, so no wake-up
+//! is lost.
 
+use std::cell::Cell;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -28,8 +31,12 @@ const STOP: u8 = 2;
 /// How long vCPUs get to acknowledge a pause or a stop. A vCPU thread that is outside the
 /// guest (in a device) comes back within microseconds; this bounds a wedged one.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often an unacknowledged kick is repeated.
+/// How often an unacknowledged kick is repeated where a kick can be lost (a hypervisor
+/// without an immediate-exit flag: a signal landing just before the entry into the guest).
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
+/// The same where every vCPU has the flag (KVM): one kick is enough, this only bounds a
+/// thread that was somewhere no signal reaches.
+const KICK_INTERVAL_IMMEDIATE_EXIT: Duration = Duration::from_millis(50);
 
 #[derive(Default)]
 struct Acks {
@@ -89,7 +96,12 @@ impl VcpuControl {
     }
 
     /// Kicks `threads` until `done` holds or the time is up. Returns whether it holds.
-    fn kick_until(&self, threads: &[JoinHandle<()>], done: impl Fn(&Acks) -> bool) -> bool {
+    fn kick_until(
+        &self,
+        threads: &[JoinHandle<()>],
+        interval: Duration,
+        done: impl Fn(&Acks) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + ACK_TIMEOUT;
         let mut acks = self.lock();
         loop {
@@ -111,7 +123,7 @@ impl VcpuControl {
             }
             acks = self
                 .changed
-                .wait_timeout(acks, KICK_INTERVAL)
+                .wait_timeout(acks, interval)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
@@ -129,7 +141,38 @@ impl Drop for ExitAck {
     }
 }
 
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+thread_local! {
+    /// This thread's vCPU's immediate-exit flag, if it is a vCPU thread whose hypervisor has
+    /// one (`Vcpu::immediate_exit`); null otherwise.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Sets this vCPU thread's immediate-exit flag for as long as it lives.
+pub(crate) struct ImmediateExit;
+
+impl ImmediateExit {
+    pub(crate) fn install(flag: Option<std::ptr::NonNull<u8>>) -> ImmediateExit {
+        IMMEDIATE_EXIT.with(|c| c.set(flag.map_or(std::ptr::null_mut(), |p| p.as_ptr())));
+        ImmediateExit
+    }
+}
+
+impl Drop for ImmediateExit {
+    fn drop(&mut self) {
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // A kick that lands between the checkpoint and the entry into the guest makes that entry
+    // return at once, so one signal is enough on KVM.
+    let flag = IMMEDIATE_EXIT.with(|c| c.get());
+    if !flag.is_null() {
+        // SAFETY: set by this thread from its live vCPU (`ImmediateExit`, dropped before the
+        // vCPU); a byte store is async-signal-safe.
+        unsafe { flag.write_volatile(1) };
+    }
+}
 
 /// The signal that kicks vCPU threads out of the guest, registered once per process.
 fn kick_signal() -> libc::c_int {
@@ -147,6 +190,7 @@ pub(crate) struct VcpuThreads {
     control: Arc<VcpuControl>,
     handles: Vec<JoinHandle<()>>,
     started: bool,
+    kick_interval: Duration,
 }
 
 impl Default for VcpuThreads {
@@ -155,6 +199,7 @@ impl Default for VcpuThreads {
             control: Arc::new(VcpuControl::new()),
             handles: Vec::new(),
             started: false,
+            kick_interval: KICK_INTERVAL,
         }
     }
 }
@@ -168,7 +213,10 @@ impl Vm {
         self.threads.started = true;
         // Registered before any vCPU thread exists, so a kick always finds the handler.
         kick_signal();
-        let vcpus: Vec<_> = self.vcpus.drain(..).collect();
+        let mut vcpus: Vec<_> = self.vcpus.drain(..).collect();
+        if vcpus.iter_mut().all(|v| v.immediate_exit().is_some()) {
+            self.threads.kick_interval = KICK_INTERVAL_IMMEDIATE_EXIT;
+        }
         self.booted_at = Some(Instant::now());
         crate::event_monitor::emit(
             "vmm",
@@ -247,7 +295,9 @@ impl Vm {
         let control = &self.threads.control;
         let n = self.threads.handles.len();
         control.set(PAUSE);
-        if control.kick_until(&self.threads.handles, |a| a.parked + a.exited >= n) {
+        if control.kick_until(&self.threads.handles, self.threads.kick_interval, |a| {
+            a.parked + a.exited >= n
+        }) {
             return Ok(());
         }
         control.set(RUN);
@@ -271,7 +321,9 @@ impl Vm {
         let control = self.threads.control.clone();
         let n = self.threads.handles.len();
         control.set(STOP);
-        let all_out = control.kick_until(&self.threads.handles, |a| a.exited >= n);
+        let all_out = control.kick_until(&self.threads.handles, self.threads.kick_interval, |a| {
+            a.exited >= n
+        });
         for handle in self.threads.handles.drain(..) {
             if all_out || handle.is_finished() {
                 let _ = handle.join();
@@ -330,12 +382,12 @@ mod tests {
         for _ in 0..200 {
             let t = Instant::now();
             control.set(PAUSE);
-            assert!(control.kick_until(&threads, |a| a.parked == 3));
+            assert!(control.kick_until(&threads, KICK_INTERVAL, |a| a.parked == 3));
             assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
             control.set(RUN);
         }
         control.set(STOP);
-        assert!(control.kick_until(&threads, |a| a.exited == 3));
+        assert!(control.kick_until(&threads, KICK_INTERVAL, |a| a.exited == 3));
         for t in threads {
             t.join().unwrap();
         }
@@ -346,9 +398,9 @@ mod tests {
         let control = Arc::new(VcpuControl::new());
         let threads = fake_vcpus(&control, 2);
         control.set(PAUSE);
-        assert!(control.kick_until(&threads, |a| a.parked == 2));
+        assert!(control.kick_until(&threads, KICK_INTERVAL, |a| a.parked == 2));
         control.set(STOP);
-        assert!(control.kick_until(&threads, |a| a.exited == 2));
+        assert!(control.kick_until(&threads, KICK_INTERVAL, |a| a.exited == 2));
         for t in threads {
             t.join().unwrap();
         }
