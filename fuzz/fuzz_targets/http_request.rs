@@ -11,7 +11,7 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use api::control::{ApiError, ApiHandler, ApiReply, ApiRequest, ApiResult};
+use api::messages::{ApiError, ApiHandler, ApiReply, ApiRequest, ApiResult};
 use api::http::{ApiServer, Limits};
 use libfuzzer_sys::fuzz_target;
 
