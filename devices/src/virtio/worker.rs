@@ -4,8 +4,8 @@
 //! (DEVICE_NEEDS_RESET and a configuration interrupt), its `worker_failures` counter goes up,
 //! and one line on stderr says which device and why. The VM and the other devices go on.
 //!
-//! A worker's body is an event-manager loop ([`event_loop`]) over a [`DeviceLoop`]: the rng and
-//! virtio-fs devices so far; block waits in its io_uring, net and vsock in loops of their own.
+//! A worker's body is an event-manager loop ([`event_loop`]) over a [`DeviceLoop`]: rng,
+//! virtio-fs and net; block waits in its io_uring, vsock in a loop of its own (with timers).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -334,6 +334,8 @@ impl Net {
                 tx: tx_evt,
                 kill: kill.try_clone().map_err(io_err("cloning an eventfd"))?,
                 control: control.clone(),
+                // Made here: the worker's filter allows no eventfd2.
+                more: EventFd::new(EFD_NONBLOCK).map_err(io_err("creating an eventfd"))?,
             };
             let pair = QueuePair::new(PairSetup {
                 id: self.id.clone(),

@@ -4,7 +4,7 @@ use super::*;
 use crate::virtio::net::filter::tests::ipv4_frame;
 use crate::virtio::net::filter::Ipv4Net;
 use std::net::Ipv4Addr;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;

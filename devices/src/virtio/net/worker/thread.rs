@@ -1,5 +1,7 @@
 //! The pair's thread: what it waits on and how it is told to stop or to change.
 
+use event_manager::{EventOps, Events, MutEventSubscriber};
+
 use super::*;
 
 /// Shared between a pair's thread and whoever enables or disables the pair (the control
@@ -11,12 +13,13 @@ pub struct PairControl {
     pub wake: EventFd,
 }
 
-const TOKEN_RX: u64 = 0;
-const TOKEN_TX: u64 = 1;
-const TOKEN_TAP: u64 = 2;
-const TOKEN_KILL: u64 = 3;
-const TOKEN_WAKE: u64 = 4;
-const TOKEN_CTRL: u64 = 5;
+const RX: u32 = 0;
+const TX: u32 = 1;
+const TAP: u32 = 2;
+const KILL: u32 = 3;
+const WAKE: u32 = 4;
+const CTRL: u32 = 5;
+const MORE: u32 = 6;
 
 /// The events a pair's thread waits on.
 pub struct PairEvents {
@@ -24,6 +27,8 @@ pub struct PairEvents {
     pub tx: EventFd,
     pub kill: EventFd,
     pub control: Arc<PairControl>,
+    /// Written by the thread itself when work is left over a budget.
+    pub more: EventFd,
 }
 
 /// Something else the first pair's thread serves (the control queue).
@@ -33,106 +38,131 @@ pub trait SideQueue: Send {
 }
 
 impl QueuePair {
-    /// The pair's thread: waits on the queues' notify events and the TAP, until `kill`.
-    /// Until `kill`; an error it cannot go on from ends it early (a device error, see
-    /// `virtio::worker`).
-    pub fn run(
-        mut self,
-        ev: PairEvents,
-        mut side: Option<Box<dyn SideQueue>>,
-    ) -> Result<(), String> {
-        let epoll = Epoll::new().map_err(|e| format!("creating its epoll: {e}"))?;
-        let mut fds = vec![
-            (ev.rx.as_raw_fd(), TOKEN_RX),
-            (ev.tx.as_raw_fd(), TOKEN_TX),
-            (ev.kill.as_raw_fd(), TOKEN_KILL),
-            (ev.control.wake.as_raw_fd(), TOKEN_WAKE),
+    /// The pair's thread: waits on the queues' notify events and the TAP, until `kill`; an
+    /// error it cannot go on from ends it early (a device error, see `virtio::worker`).
+    pub fn run(self, ev: PairEvents, side: Option<Box<dyn SideQueue>>) -> Result<(), String> {
+        crate::virtio::worker::event_loop(PairLoop {
+            pair: self,
+            ev,
+            side,
+            // Work may be waiting already (a driver that posted before we started).
+            tx_pending: true,
+            rx_pending: true,
+            tap_polled: false,
+            outcome: None,
+        })
+    }
+}
+
+/// A pair's thread on event-manager. Each event only marks what is pending; the work is done
+/// right after, in the same call, with the TAP watched only while the guest has receive
+/// buffers. Work left over a budget re-arms `more`, so the loop comes back without sleeping
+/// and other events get their turn.
+struct PairLoop {
+    pair: QueuePair,
+    ev: PairEvents,
+    side: Option<Box<dyn SideQueue>>,
+    tx_pending: bool,
+    rx_pending: bool,
+    tap_polled: bool,
+    outcome: Option<Result<(), String>>,
+}
+
+impl PairLoop {
+    fn work(&mut self, ops: &mut EventOps) {
+        if self.tx_pending {
+            self.tx_pending = self.pair.process_tx() == TxState::Budget;
+        }
+        if self.rx_pending {
+            self.rx_pending = false;
+            let poll = if self.ev.control.enabled.load(Ordering::SeqCst) {
+                match self.pair.process_rx() {
+                    RxState::Drained => true,
+                    RxState::Budget => {
+                        self.rx_pending = true;
+                        true
+                    }
+                    RxState::NoBuffers | RxState::BackendGone => false,
+                }
+            } else {
+                false
+            };
+            self.poll_tap(poll, ops);
+        }
+        if self.tx_pending || self.rx_pending {
+            // Fails only if the counter would overflow: a wake-up is pending anyway.
+            let _ = self.ev.more.write(1);
+        }
+    }
+
+    fn poll_tap(&mut self, on: bool, ops: &mut EventOps) {
+        if on == self.tap_polled {
+            return;
+        }
+        let tap = Events::with_data_raw(self.pair.backend.fd(), TAP, EventSet::IN);
+        let done = if on { ops.add(tap) } else { ops.remove(tap) };
+        if done.is_ok() {
+            self.tap_polled = on;
+        }
+    }
+}
+
+impl crate::virtio::worker::DeviceLoop for PairLoop {
+    fn outcome(&mut self) -> Option<Result<(), String>> {
+        self.outcome.take()
+    }
+}
+
+impl MutEventSubscriber for PairLoop {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut watch = vec![
+            Events::with_data(&self.ev.rx, RX, EventSet::IN),
+            Events::with_data(&self.ev.tx, TX, EventSet::IN),
+            Events::with_data(&self.ev.kill, KILL, EventSet::IN),
+            Events::with_data(&self.ev.control.wake, WAKE, EventSet::IN),
+            Events::with_data(&self.ev.more, MORE, EventSet::IN),
         ];
-        if let Some(s) = &side {
-            fds.push((s.event().as_raw_fd(), TOKEN_CTRL));
+        if let Some(s) = &self.side {
+            watch.push(Events::with_data(s.event(), CTRL, EventSet::IN));
         }
-        for (fd, token) in fds {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(|e| format!("watching its events: {e}"))?;
-        }
-        let tap_fd = self.backend.fd();
-        let mut tap_polled = false;
-        let set_tap_polled = |on: bool, polled: &mut bool| {
-            if on == *polled {
+        for e in watch {
+            if let Err(e) = ops.add(e) {
+                self.outcome = Some(Err(format!("watching its events: {e}")));
                 return;
             }
-            let op = if on {
-                ControlOperation::Add
-            } else {
-                ControlOperation::Delete
-            };
-            if epoll
-                .ctl(op, tap_fd, EpollEvent::new(EventSet::IN, TOKEN_TAP))
-                .is_ok()
-            {
-                *polled = on;
+        }
+        self.work(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            KILL => {
+                self.outcome = Some(Ok(()));
+                return;
             }
-        };
-        let mut events = vec![EpollEvent::default(); 8];
-        // Work may be waiting already (a driver that posted before we started).
-        let mut tx_pending = true;
-        let mut rx_pending = true;
-        loop {
-            let timeout = if tx_pending || rx_pending { 0 } else { -1 };
-            let n = match epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("waiting for events: {e}")),
-            };
-            for e in &events[..n] {
-                match e.data() {
-                    TOKEN_KILL => return Ok(()),
-                    TOKEN_TX => {
-                        let _ = ev.tx.read();
-                        tx_pending = true;
-                    }
-                    TOKEN_RX => {
-                        let _ = ev.rx.read();
-                        rx_pending = true;
-                    }
-                    TOKEN_WAKE => {
-                        let _ = ev.control.wake.read();
-                        rx_pending = true;
-                    }
-                    TOKEN_CTRL => {
-                        if let Some(s) = side.as_mut() {
-                            let _ = s.event().read();
-                            s.process();
-                        }
-                    }
-                    _ => rx_pending = true,
+            TX => {
+                let _ = self.ev.tx.read();
+                self.tx_pending = true;
+            }
+            RX => {
+                let _ = self.ev.rx.read();
+                self.rx_pending = true;
+            }
+            WAKE => {
+                let _ = self.ev.control.wake.read();
+                self.rx_pending = true;
+            }
+            CTRL => {
+                if let Some(s) = self.side.as_mut() {
+                    let _ = s.event().read();
+                    s.process();
                 }
             }
-            if tx_pending {
-                tx_pending = self.process_tx() == TxState::Budget;
+            MORE => {
+                let _ = self.ev.more.read();
             }
-            let enabled = ev.control.enabled.load(Ordering::SeqCst);
-            if rx_pending {
-                rx_pending = false;
-                let poll = if enabled {
-                    match self.process_rx() {
-                        RxState::Drained => true,
-                        RxState::Budget => {
-                            rx_pending = true;
-                            true
-                        }
-                        RxState::NoBuffers | RxState::BackendGone => false,
-                    }
-                } else {
-                    false
-                };
-                set_tap_polled(poll, &mut tap_polled);
-            }
+            _ => self.rx_pending = true,
         }
+        self.work(ops);
     }
 }
