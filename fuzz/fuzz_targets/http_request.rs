@@ -11,8 +11,8 @@ use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use api::messages::{ApiError, ApiHandler, ApiReply, ApiRequest, ApiResult};
 use api::http::{ApiServer, Limits};
+use api::messages::{ApiError, ApiHandler, ApiReply, ApiRequest, ApiResult};
 use libfuzzer_sys::fuzz_target;
 
 struct Handler;
