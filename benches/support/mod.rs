@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod vmms;
+
 /// How the bench binary was asked to run, from criterion's own arguments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {

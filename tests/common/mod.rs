@@ -70,6 +70,21 @@ impl Asm {
             .label(done)
     }
 
+    /// Prints the first word (up to a space or the NUL) of the string at [ESI].
+    pub fn print_word_at_esi(&mut self, unique: &'static str) -> &mut Self {
+        let done: &'static str = Box::leak(format!("{unique}_done").into_boxed_str());
+        self.label(unique)
+            .bytes(&[0x8a, 0x06]) // mov al, [esi]
+            .bytes(&[0x84, 0xc0]) // test al, al
+            .jump(0x74, done) // jz done
+            .bytes(&[0x3c, 0x20]) // cmp al, ' '
+            .jump(0x74, done) // je done
+            .bytes(&[0xee]) // out dx, al
+            .bytes(&[0x46]) // inc esi
+            .jump(0xeb, unique)
+            .label(done)
+    }
+
     /// Pulses the reset line through the i8042, then halts forever.
     pub fn reset(&mut self) -> &mut Self {
         self.bytes(&[0xb0, 0xfe, 0xe6, 0x64]) // mov al, 0xfe; out 0x64, al
@@ -263,29 +278,63 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// The PVH test guest made to end QEMU microvm too, which has no i8042: like
-/// [`pvh_guest_code`], but after the i8042 reset write it also writes 0 to QEMU's
-/// `isa-debug-exit` port 0xf4 (`-device isa-debug-exit,iobase=0xf4,iosize=4`), which makes
-/// QEMU exit with status `(0 << 1) | 1 = 1`. podvmm exits at the i8042 write and never gets
-/// to the second one, so the same image serves both VMMs.
-pub fn pvh_guest_code_debug_exit() -> Vec<u8> {
+/// Ends the run on every VMM the benchmarks compare, whichever device each one has, and
+/// halts: an ACPI S5 sleep (`SLP_TYP=5 | SLP_EN`) written to port 0x600, Cloud Hypervisor's
+/// ACPI shutdown device (it reboots at an i8042 reset); the i8042 reset (podvmm, Firecracker);
+/// 0 written to QEMU's `isa-debug-exit` port 0xf4 (`-device isa-debug-exit,iobase=0xf4,iosize=4`;
+/// QEMU microvm has no i8042), which makes QEMU exit with status `(0 << 1) | 1 = 1`. A VMM
+/// without a device at a port ignores the write, and each one exits at its own.
+fn end_on_any_vmm(a: &mut Asm, debug_exit_value: u8) {
+    a.bytes(&[0x66, 0xba, 0x00, 0x06]) // mov dx, 0x600
+        .bytes(&[0xb0, 0x34, 0xee]) // mov al, 0x34; out dx, al (ACPI S5)
+        .bytes(&[0xb0, 0xfe, 0xe6, 0x64]) // mov al, 0xfe; out 0x64, al (i8042 reset)
+        .bytes(&[0xb0, debug_exit_value, 0xe6, 0xf4]); // mov al, v; out 0xf4, al (isa-debug-exit)
+}
+
+/// The PVH test guest made to end the same image on podvmm, Cloud Hypervisor, Firecracker and
+/// QEMU microvm (see [`end_on_any_vmm`]): like [`pvh_guest_code`], it checks the start info, but
+/// prints only the command line's first word, `PVH <word>\n`: podvmm adds PVM workarounds to
+/// the command line on this host, and a VMM's cost must not grow with a line the others do
+/// not print (every character is an exit). A bad start info prints `BAD start_info` and makes QEMU exit
+/// with status 3.
+pub fn pvh_guest_code_any_vmm() -> Vec<u8> {
     let mut a = Asm::default();
     a.com1()
         .bytes(&[0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33]) // cmp dword [ebx], 0x336ec578
         .jump(0x75, "fail")
         .print("PVH ")
         .bytes(&[0x8b, 0x73, 0x18]) // mov esi, [ebx + 0x18] (cmdline_paddr)
-        .print_string_at_si(&[0x46], "cmd") // inc esi
+        .print_word_at_esi("cmd")
+        .print("\n");
+    end_on_any_vmm(&mut a, 0);
+    a.label("halt")
+        .bytes(&[0xf4])
+        .jump(0xeb, "halt")
+        .label("fail");
+    a.com1().print("BAD start_info\n");
+    end_on_any_vmm(&mut a, 1);
+    a.bytes(&[0xf4]);
+    a.finish()
+}
+
+/// Like [`pvh_guest_code_any_vmm`] (first word only), but after its line the guest idles for ever (interrupts
+/// off, `hlt`): what a VMM holds while its guest sits idle.
+pub fn pvh_guest_code_idle() -> Vec<u8> {
+    let mut a = Asm::default();
+    a.com1()
+        .bytes(&[0x81, 0x3b, 0x78, 0xc5, 0x6e, 0x33]) // cmp dword [ebx], 0x336ec578
+        .jump(0x75, "fail")
+        .print("PVH ")
+        .bytes(&[0x8b, 0x73, 0x18]) // mov esi, [ebx + 0x18] (cmdline_paddr)
+        .print_word_at_esi("cmd")
         .print("\n")
-        .bytes(&[0xb0, 0xfe, 0xe6, 0x64]) // mov al, 0xfe; out 0x64, al (i8042 reset)
-        .bytes(&[0x31, 0xc0, 0xe6, 0xf4]) // xor eax, eax; out 0xf4, al (isa-debug-exit)
+        .bytes(&[0xfa]) // cli
         .label("halt")
         .bytes(&[0xf4])
         .jump(0xeb, "halt")
         .label("fail")
-        .print("BAD start_info\n")
-        .bytes(&[0xb0, 0xfe, 0xe6, 0x64]) // i8042 reset
-        .bytes(&[0xb0, 0x01, 0xe6, 0xf4]) // mov al, 1; out 0xf4, al: QEMU exits with 3
-        .bytes(&[0xf4]);
+        .print("BAD start_info\n");
+    end_on_any_vmm(&mut a, 1);
+    a.bytes(&[0xf4]);
     a.finish()
 }
