@@ -52,6 +52,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 const FILE_SIZE: u64 = 1 << 30;
 const BLOCK: u64 = 4096;
+/// Request slots laid out per queue: the deepest comparison's queue depth.
 const QUEUE_DEPTH: u16 = 32;
 /// What podvmm offers by default.
 const QUEUE_SIZE: u16 = 128;
@@ -234,6 +235,8 @@ fn desc(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u
 
 /// A disk device driven by a guest driver on this thread.
 struct Rig {
+    /// Requests kept in flight per queue (at most QUEUE_DEPTH).
+    depth: u16,
     mem: Arc<GuestMemoryMmap>,
     transport: Mutex<MmioTransport>,
     notify: Vec<EventFd>,
@@ -252,13 +255,62 @@ fn r(t: &Mutex<MmioTransport>, off: u64) -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// IOPS and CPU per request of one side of a comparison.
+struct Figures {
+    iops: f64,
+    /// Seconds of CPU per completed request, where known.
+    cpu_per_request: Option<f64>,
+}
+
+/// One timed run of the rig.
+struct Run {
+    ios: u64,
+    time: Duration,
+    /// CPU of the device side (transport, workers, io_uring submission in their context):
+    /// the process's CPU less this thread's, which plays the guest.
+    device_cpu: Duration,
+}
+
+/// The process's and the calling thread's CPU clocks.
+struct DeviceCpu {
+    process: Duration,
+    thread: Duration,
+}
+
+impl DeviceCpu {
+    fn clock(id: libc::clockid_t) -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec we own.
+        let r = unsafe { libc::clock_gettime(id, &mut ts) };
+        assert_eq!(r, 0, "clock_gettime");
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    fn now() -> Self {
+        DeviceCpu {
+            process: Self::clock(libc::CLOCK_PROCESS_CPUTIME_ID),
+            thread: Self::clock(libc::CLOCK_THREAD_CPUTIME_ID),
+        }
+    }
+
+    /// The CPU every other thread of the process used since `self`.
+    fn elapsed(&self) -> Duration {
+        let now = Self::now();
+        (now.process - self.process).saturating_sub(now.thread - self.thread)
+    }
+}
+
 enum Stop {
     Count(u64),
     Time(Duration),
 }
 
 impl Rig {
-    fn new(path: &Path, num_queues: u16, write: bool) -> Rig {
+    fn new(path: &Path, num_queues: u16, write: bool, depth: u16) -> Rig {
+        assert!((1..=QUEUE_DEPTH).contains(&depth), "depth {depth}");
         let mem = Arc::new(
             GuestMemoryMmap::from_ranges(&[(
                 GuestAddress(0),
@@ -329,6 +381,7 @@ impl Rig {
         w(&t, reg::STATUS, 3 | 8 | 4);
         assert_eq!(r(&t, reg::STATUS) & (64 | 128), 0, "device failed to start");
         Rig {
+            depth,
             mem,
             transport: t,
             notify,
@@ -338,14 +391,15 @@ impl Rig {
         }
     }
 
-    /// Keeps QUEUE_DEPTH requests in flight on every queue until `stop`; returns the
-    /// completions counted and the time they took. Requests still in flight then are
-    /// drained untimed.
-    fn run(&mut self, stop: Stop) -> (u64, Duration) {
+    /// Keeps `depth` requests in flight on every queue until `stop`; returns the
+    /// completions counted, the time they took and the CPU the device side used meanwhile.
+    /// Requests still in flight then are drained untimed.
+    fn run(&mut self, stop: Stop) -> Run {
         let mem = self.mem.clone();
+        let depth = self.depth;
         for (q, dq) in self.queues.iter_mut().enumerate() {
             let old = dq.avail_idx;
-            for k in 0..QUEUE_DEPTH {
+            for k in 0..depth {
                 dq.queue_request(&mem, k);
             }
             if dq.publish(&mem, old) {
@@ -353,6 +407,7 @@ impl Rig {
             }
         }
         let start = Instant::now();
+        let cpu_start = DeviceCpu::now();
         let mut done = 0u64;
         let mut elapsed;
         let mut refill = true;
@@ -375,9 +430,13 @@ impl Rig {
                 };
                 if !refill {
                     // The measurement ends here; what is in flight is drained untimed.
-                    let t = elapsed;
+                    let device_cpu = cpu_start.elapsed();
                     self.drain(&mem);
-                    return (done, t);
+                    return Run {
+                        ios: done,
+                        time: elapsed,
+                        device_cpu,
+                    };
                 }
             }
         }
@@ -415,7 +474,7 @@ impl Rig {
         let mem = self.mem.clone();
         let dq = &mut self.queues[0];
         let old = dq.avail_idx;
-        for k in 0..QUEUE_DEPTH {
+        for k in 0..self.depth {
             dq.queue_request(&mem, k);
         }
         if dq.publish(&mem, old) {
@@ -423,7 +482,7 @@ impl Rig {
         }
         self.drain(&mem);
         let dq = &self.queues[0];
-        for k in 0..u64::from(QUEUE_DEPTH) {
+        for k in 0..u64::from(self.depth) {
             let sector: u64 = mem
                 .read_obj(GuestAddress(dq.headers + 16 * k + 8))
                 .expect("header");
@@ -477,8 +536,16 @@ fn bench_file() -> PathBuf {
     path
 }
 
-/// fio's IOPS for the same pattern, or None when fio is missing.
-fn fio(path: &Path, num_jobs: u16, write: bool, secs: u64) -> Option<f64> {
+/// What fio reported for one run.
+struct FioRun {
+    iops: f64,
+    /// fio's own CPU (user + system) per completed request, in seconds (one job only: fio
+    /// reports CPU per job).
+    cpu_per_request: Option<f64>,
+}
+
+/// fio's figures for the same pattern, or None when fio is missing.
+fn fio(path: &Path, num_jobs: u16, write: bool, secs: u64, depth: u16) -> Option<FioRun> {
     let rw = if write { "randwrite" } else { "randread" };
     let out = Command::new("fio")
         .args([
@@ -491,7 +558,7 @@ fn fio(path: &Path, num_jobs: u16, write: bool, secs: u64) -> Option<f64> {
         .arg(format!("--rw={rw}"))
         .args([
             "--bs=4k",
-            "--iodepth=32",
+            &format!("--iodepth={depth}"),
             "--direct=1",
             "--ioengine=io_uring",
         ])
@@ -505,15 +572,21 @@ fn fio(path: &Path, num_jobs: u16, write: bool, secs: u64) -> Option<f64> {
         "fio failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Terse format v3: field 8 is read IOPS, field 49 write IOPS (1-based).
+    // Terse format v3 (1-based): field 8 is read IOPS, 49 write IOPS, 88 and 89 the user
+    // and system CPU in percent of the run.
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
         .find(|l| l.starts_with("3;"))
         .expect("fio terse line");
     let fields: Vec<&str> = line.split(';').collect();
-    let field = if write { 48 } else { 7 };
-    fields.get(field).and_then(|f| f.parse().ok())
+    let number = |i: usize| -> Option<f64> { fields.get(i)?.trim_end_matches('%').parse().ok() };
+    let iops = number(if write { 48 } else { 7 })?;
+    let cpu_share = (number(87)? + number(88)?) / 100.0;
+    Some(FioRun {
+        iops,
+        cpu_per_request: (num_jobs == 1 && iops > 0.0).then(|| cpu_share / iops),
+    })
 }
 
 fn fio_version() -> Option<String> {
@@ -525,29 +598,24 @@ struct Config {
     id: &'static str,
     queues: u16,
     write: bool,
+    depth: u16,
 }
 
-const CONFIGS: [Config; 4] = [
+const fn config(id: &'static str, queues: u16, write: bool, depth: u16) -> Config {
     Config {
-        id: "randread_4k_qd32_1q",
-        queues: 1,
-        write: false,
-    },
-    Config {
-        id: "randread_4k_qd32_4q",
-        queues: 4,
-        write: false,
-    },
-    Config {
-        id: "randwrite_4k_qd32_1q",
-        queues: 1,
-        write: true,
-    },
-    Config {
-        id: "randwrite_4k_qd32_4q",
-        queues: 4,
-        write: true,
-    },
+        id,
+        queues,
+        write,
+        depth,
+    }
+}
+
+const CONFIGS: [Config; 5] = [
+    config("randread_4k_qd32_1q", 1, false, 32),
+    config("randread_4k_qd32_4q", 4, false, 32),
+    config("randwrite_4k_qd32_1q", 1, true, 32),
+    config("randwrite_4k_qd32_4q", 4, true, 32),
+    config("randread_4k_qd1_1q", 1, false, 1),
 ];
 
 fn main() {
@@ -581,7 +649,7 @@ fn main() {
 
     let path = bench_file();
     {
-        let mut rig = Rig::new(&path, 1, false);
+        let mut rig = Rig::new(&path, 1, false, QUEUE_DEPTH);
         println!(
             "podvmm-bench: engine={} file={} size=1GiB direct=on queue_size={QUEUE_SIZE} depth={QUEUE_DEPTH} (indirect descriptors, event index)",
             rig.engine.name(),
@@ -595,9 +663,9 @@ fn main() {
     group.sampling_mode(SamplingMode::Flat);
     group.throughput(Throughput::Elements(1));
     for c in &CONFIGS {
-        let mut rig = Rig::new(&path, c.queues, c.write);
+        let mut rig = Rig::new(&path, c.queues, c.write, c.depth);
         group.bench_function(c.id, |b| {
-            b.iter_custom(|iters| rig.run(Stop::Count(iters)).1)
+            b.iter_custom(|iters| rig.run(Stop::Count(iters)).time)
         });
     }
     group.finish();
@@ -631,42 +699,96 @@ fn main() {
         .collect();
     let mut results = Vec::new();
     for c in &selected {
-        let (mut dev_ios, mut dev_time, mut dev_rounds, mut fio_iops) =
-            (0u64, 0f64, Vec::new(), Vec::new());
+        let (mut dev_ios, mut dev_time, mut dev_cpu, mut dev_rounds) =
+            (0u64, 0f64, 0f64, Vec::new());
+        let mut fio_runs = Vec::new();
         // Taking turns: device, fio, device, fio...
         for _ in 0..rounds {
-            let mut rig = Rig::new(&path, c.queues, c.write);
-            let (n, t) = rig.run(Stop::Time(Duration::from_secs(secs)));
+            let mut rig = Rig::new(&path, c.queues, c.write, c.depth);
+            let run = rig.run(Stop::Time(Duration::from_secs(secs)));
             drop(rig);
-            dev_ios += n;
-            dev_time += t.as_secs_f64();
-            dev_rounds.push(n as f64 / t.as_secs_f64());
+            dev_ios += run.ios;
+            dev_time += run.time.as_secs_f64();
+            dev_cpu += run.device_cpu.as_secs_f64();
+            dev_rounds.push(run.ios as f64 / run.time.as_secs_f64());
             if fio_version.is_some() {
-                fio_iops.extend(fio(&path, c.queues, c.write, secs));
+                fio_runs.extend(fio(&path, c.queues, c.write, secs, c.depth));
             }
         }
-        let dev = dev_ios as f64 / dev_time;
-        let host =
-            (!fio_iops.is_empty()).then(|| fio_iops.iter().sum::<f64>() / fio_iops.len() as f64);
+        let dev = Figures {
+            iops: dev_ios as f64 / dev_time,
+            cpu_per_request: (dev_ios > 0).then(|| dev_cpu / dev_ios as f64),
+        };
+        let fio_iops: Vec<f64> = fio_runs.iter().map(|f| f.iops).collect();
+        let host = (!fio_runs.is_empty()).then(|| {
+            let n = fio_runs.len() as f64;
+            let cpu: Vec<f64> = fio_runs.iter().filter_map(|f| f.cpu_per_request).collect();
+            Figures {
+                iops: fio_iops.iter().sum::<f64>() / n,
+                cpu_per_request: (cpu.len() == fio_runs.len()).then(|| cpu.iter().sum::<f64>() / n),
+            }
+        });
         let list = |v: &[f64]| {
             v.iter()
                 .map(|x| format!("{x:.0}"))
                 .collect::<Vec<_>>()
                 .join(",")
         };
+        let us = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{:.2}", v * 1e6));
         println!(
-            "podvmm-bench: {} device_iops={dev:.0} fio_iops={} ratio={} (rounds: device {} fio {})",
+            "podvmm-bench: {} device_iops={:.0} fio_iops={} ratio={} cpu_us_per_request device={} fio={} (rounds: device {} fio {})",
             c.id,
-            host.map_or("n/a".into(), |h| format!("{h:.0}")),
-            host.map_or("n/a".into(), |h| format!("{:.3}", dev / h)),
+            dev.iops,
+            host.as_ref().map_or("n/a".into(), |h| format!("{:.0}", h.iops)),
+            host.as_ref().map_or("n/a".into(), |h| format!("{:.3}", dev.iops / h.iops)),
+            us(dev.cpu_per_request),
+            us(host.as_ref().and_then(|h| h.cpu_per_request)),
             list(&dev_rounds),
             list(&fio_iops),
         );
         results.push((c.id, dev, host));
     }
     println!("podvmm-bench: load average after {}", loadavg());
-    let get = |id: &str| results.iter().find(|r| r.0 == id).map(|r| (r.1, r.2));
+    let get = |id: &str| {
+        results
+            .iter()
+            .find(|r| r.0 == id)
+            .map(|r| (r.1.iops, r.2.as_ref().map(|h| h.iops)))
+    };
     let fmt = |v: f64| format!("{v:.0}");
+    // QD1: the time one request takes, next to fio's (both run one request at a time).
+    if let Some((_, dev, host)) = results.iter().find(|r| r.0 == "randread_4k_qd1_1q") {
+        let dev_us = 1e6 / dev.iops;
+        println!("podvmm-bench: blk_qd1_latency_us={dev_us:.1}");
+        match host {
+            Some(h) => {
+                let fio_us = 1e6 / h.iops;
+                println!("podvmm-bench: fio_qd1_latency_us={fio_us:.1}");
+                println!(
+                    "podvmm-bench: qd1_latency_ratio_vs_host={:.3}",
+                    dev_us / fio_us
+                );
+            }
+            None => println!("podvmm-bench: qd1_latency_ratio_vs_host=n/a"),
+        }
+    }
+    // CPU per request at QD32, 1 queue: the device side against fio's own.
+    if let Some((_, dev, host)) = results.iter().find(|r| r.0 == "randread_4k_qd32_1q") {
+        let host_cpu = host.as_ref().and_then(|h| h.cpu_per_request);
+        let us = |v: f64| format!("{:.2}", v * 1e6);
+        if let Some(d) = dev.cpu_per_request {
+            println!("podvmm-bench: blk_cpu_us_per_request={}", us(d));
+        }
+        if let Some(h) = host_cpu {
+            println!("podvmm-bench: fio_cpu_us_per_request={}", us(h));
+        }
+        match (dev.cpu_per_request, host_cpu) {
+            (Some(d), Some(h)) if h > 0.0 => {
+                println!("podvmm-bench: cpu_per_request_ratio_vs_host={:.3}", d / h)
+            }
+            _ => println!("podvmm-bench: cpu_per_request_ratio_vs_host=n/a"),
+        }
+    }
     // The headline (1 queue, reads) last.
     for (id, suffix, ratio_name) in [
         ("randread_4k_qd32_4q", "_4q", "iops_ratio_4q_vs_host"),

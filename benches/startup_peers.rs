@@ -126,6 +126,8 @@ fn guest_line_ok(output: &[u8]) -> bool {
 }
 
 /// One whole run of `kernel` on `s`, checked.
+// The child is reaped by `reap` (wait4, for its rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
 fn run_once(s: &Subject, kernel: &Path, scratch: &Path) -> Run {
     let id = s.id();
     let stderr_path = scratch.join(format!("{id}.stderr"));

@@ -33,6 +33,9 @@ scripts/fuzz.sh 15
 
 step "benchmarks (quick pass)"
 PODVMM_BENCH_QUICK=1 cargo bench --bench tiny_run
+# Start-up next to QEMU microvm (and Cloud Hypervisor and Firecracker where
+# PODVMM_PEERS_DIR names their binaries): first output, CPU, first API answer, RSS.
+PODVMM_BENCH_QUICK=1 cargo bench --bench startup_peers
 # virtio-blk's whole device path (4 KiB random I/O, QD32, O_DIRECT on a 1 GiB file written
 # once under /var/tmp) taking turns with fio on the same file.
 PODVMM_BENCH_QUICK=1 cargo bench --bench blk_iops

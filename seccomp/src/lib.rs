@@ -6,9 +6,12 @@
 //!
 //! Filters are per thread (no TSYNC), and a thread inherits its parent's filter: a system
 //! call must pass both. So that a thread's filter is its own and nothing wider, every thread
-//! is started by one *spawner* thread, whose filter is the union of all the others (it runs
-//! no code but `thread::Builder::spawn`). Otherwise a vCPU thread, which starts a device's
-//! worker when the guest activates the device, would need every worker's system calls.
+//! started by a filtered thread is started by one *spawner* thread, whose filter is the union
+//! of all the others (it runs no code but `thread::Builder::spawn`). Otherwise a vCPU thread,
+//! which starts a device's worker when the guest activates the device, would need every
+//! worker's system calls. The main thread, before its own filter, starts threads itself: they
+//! inherit nothing. (Threads that call [`spawn`] are the main thread and threads [`spawn`]
+//! started; a thread started otherwise by a filtered one would be taken for the main thread.)
 //!
 //! With `true`, a forbidden call raises SIGSYS; the handler names the call and the thread
 //! on stderr and ends the process with [`EXIT_FORBIDDEN`]. With `log`, the kernel logs
@@ -217,7 +220,7 @@ pub fn init(mode: Mode, backend: Backend) -> Result<(), Error> {
         .stack_size(64 << 10)
         .spawn(move || {
             // Before any thread that may not open files exists: they all start here.
-            churn_heap();
+            HEAP_PREPARED.call_once(churn_heap);
             apply_or_exit(ThreadKind::Spawner);
             for job in rx {
                 job();
@@ -290,14 +293,88 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let start = move || {
-        builder.spawn(move || {
-            apply_or_exit(kind);
-            f()
-        })
-    };
-    setup(start)?
+    match route() {
+        Route::Here { prepare_heap } => start_filtered(builder, kind, prepare_heap, f),
+        Route::Spawner(_) => setup(move || start_filtered(builder, kind, false, f))?,
+    }
 }
+
+/// Like [`spawn`], but returns as soon as the spawner has the work, without waiting for the
+/// thread to exist: for a thread nobody joins, started on a path that must not wait (an API
+/// connection thread starting the next one). If the thread cannot be started, `on_error`
+/// runs with the reason (on the spawner thread when filters are on).
+pub fn spawn_detached<F, E>(
+    builder: thread::Builder,
+    kind: ThreadKind,
+    f: F,
+    on_error: E,
+) -> io::Result<()>
+where
+    F: FnOnce() + Send + 'static,
+    E: FnOnce(io::Error) + Send + 'static,
+{
+    match route() {
+        Route::Here { prepare_heap } => {
+            if let Err(e) = start_filtered(builder, kind, prepare_heap, f) {
+                on_error(e);
+            }
+            Ok(())
+        }
+        Route::Spawner(spawner) => {
+            let job: Job = Box::new(move || {
+                if let Err(e) = start_filtered(builder, kind, false, f) {
+                    on_error(e);
+                }
+            });
+            spawner
+                .send(job)
+                .map_err(|_| io::Error::other("the spawner thread has ended"))
+        }
+    }
+}
+
+/// Where a new thread is started from.
+enum Route {
+    /// Right here: filters are off, or this thread has none yet (the main thread before its
+    /// own), so a child inherits nothing. Such a child may be the first filtered thread to
+    /// run, so with filters on (`prepare_heap`) it makes sure the heap's one-time look at
+    /// overcommit has happened before its filter goes on.
+    Here { prepare_heap: bool },
+    /// By the spawner, whose filter is the only one the child inherits.
+    Spawner(&'static Sender<Job>),
+}
+
+fn route() -> Route {
+    match STATE.get().and_then(|s| s.spawner.as_ref()) {
+        None => Route::Here {
+            prepare_heap: false,
+        },
+        Some(_) if CURRENT.with(|c| c.get()).is_none() => Route::Here { prepare_heap: true },
+        Some(spawner) => Route::Spawner(spawner),
+    }
+}
+
+fn start_filtered<F, T>(
+    builder: thread::Builder,
+    kind: ThreadKind,
+    prepare_heap: bool,
+    f: F,
+) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    builder.spawn(move || {
+        if prepare_heap {
+            HEAP_PREPARED.call_once(churn_heap);
+        }
+        apply_or_exit(kind);
+        f()
+    })
+}
+
+/// Set once some thread with a malloc arena of its own has run [`churn_heap`] unfiltered.
+static HEAP_PREPARED: std::sync::Once = std::sync::Once::new();
 
 /// Runs set-up work that the calling thread's filter forbids, on the spawner thread, and
 /// returns its result: a vCPU activating a disk gets its io_uring this way, so neither the
@@ -340,7 +417,7 @@ fn prepare_process() -> Result<(), Error> {
     Ok(())
 }
 
-/// Grows the calling thread's malloc heap by about 1 MiB, in blocks below the mmap threshold,
+/// Grows the calling thread's malloc heap by 360 KiB, in blocks below the mmap threshold,
 /// and frees it newest first, so the top of the heap passes the trim threshold and glibc
 /// shrinks the heap.
 ///
@@ -351,8 +428,15 @@ fn prepare_process() -> Result<(), Error> {
 /// Public for `tests/enforce.rs`, which runs it on filtered workers.
 #[doc(hidden)]
 pub fn churn_heap() {
-    let blocks: Vec<Vec<u8>> = (0..10)
-        .map(|i| std::hint::black_box(vec![i as u8; 96 << 10]))
+    // Below glibc's mmap threshold (128 KiB), so the blocks come from the heap; together
+    // past its trim threshold (128 KiB as well), so freeing them shrinks it.
+    const CHURN_BLOCK: usize = 120 << 10;
+    const CHURN_BLOCKS: usize = 3;
+    // Capacity only: malloc writes its chunk headers and nothing else, so the heap grows
+    // without a page fault per 4 KiB (filling the blocks cost about 3 ms of page faults under
+    // software virtualization, on the way to the first API answer).
+    let blocks: Vec<Vec<u8>> = (0..CHURN_BLOCKS)
+        .map(|_| std::hint::black_box(Vec::<u8>::with_capacity(CHURN_BLOCK)))
         .collect();
     for b in blocks.into_iter().rev() {
         drop(std::hint::black_box(b));

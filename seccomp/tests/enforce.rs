@@ -31,6 +31,8 @@ fn main() {
         ("vmm-exec", libc::SYS_execve, "vmm"),
         ("vmm-kill-other-process", libc::SYS_tgkill, "vmm"),
         ("mshv-vcpu-kvm-ioctl", libc::SYS_ioctl, "vcpu"),
+        // Started by the spawner (the caller is filtered): the thread's own filter still holds.
+        ("filtered-caller-vcpu-socket", libc::SYS_socket, "vcpu"),
     ];
     let mut failed = 0;
     for (case, nr, kind) in stopped {
@@ -51,7 +53,14 @@ fn main() {
         }
     }
     // Allowed work, log mode and off: the child exits 0 after its own checks.
-    for case in ["allowed", "device-ioctls", "heap-trim", "log", "off"] {
+    for case in [
+        "allowed",
+        "device-ioctls",
+        "heap-trim",
+        "detached",
+        "log",
+        "off",
+    ] {
         let out = run(case);
         if out.status.success() {
             println!(
@@ -191,6 +200,38 @@ fn child(case: &str) {
         }
         "api-open" => {
             on_thread(ThreadKind::Api, open_file);
+        }
+        "filtered-caller-vcpu-socket" => {
+            seccomp::apply(ThreadKind::Vmm).unwrap();
+            on_thread(ThreadKind::Vcpu, inet_socket);
+        }
+        "detached" => {
+            // From the unfiltered main thread (started here) and from a filtered one (started
+            // by the spawner): the caller does not wait, and the thread runs filtered.
+            for filtered_caller in [false, true] {
+                if filtered_caller {
+                    seccomp::apply(ThreadKind::Vmm).unwrap();
+                }
+                let (tx, rx) = std::sync::mpsc::channel();
+                let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+                seccomp::spawn_detached(
+                    thread::Builder::new().name("case".into()),
+                    ThreadKind::Api,
+                    move || {
+                        // SAFETY: gettid has no arguments and cannot fail.
+                        let _ = tx.send(unsafe { libc::gettid() });
+                        let _ = done_rx.recv();
+                    },
+                    |e| panic!("the detached thread did not start: {e}"),
+                )
+                .expect("spawn_detached");
+                let tid = rx
+                    .recv_timeout(std::time::Duration::from_secs(10))
+                    .expect("the detached thread ran");
+                assert_eq!(seccomp_status(&tid.to_string()), "2", "thread {tid}");
+                let _ = done_tx.send(());
+            }
+            println!("api threads started without waiting, from both kinds of caller");
         }
         "block-socket" => {
             on_thread(ThreadKind::Block, inet_socket);

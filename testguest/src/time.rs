@@ -1,7 +1,6 @@
 //! Time from the TSC. Its frequency comes from KVM's paravirtual clock (kvm-clock: KVM
 //! writes the TSC-to-nanoseconds scale into guest memory, exactly what Linux uses), or, where
-//! that is missing, from the PIT (the in-kernel i8254 that KVM emulates with host timers),
-//! or from CPUID.
+//! that is missing, from a PIT where the VMM has one (podvmm has none), or from CPUID.
 
 use core::arch::asm;
 
@@ -67,6 +66,11 @@ pub struct Clock {
 fn pit_cycles() -> u64 {
     in_ring0(|| {
         let speaker = inb(0x61);
+        if speaker == 0xff {
+            // Nothing at port 0x61: the bus floats high, and would look like a count that
+            // ended at once.
+            return 0;
+        }
         outb(0x61, (speaker & !0x02) | 0x01); // speaker off, gate 2 on
         let mut best = u64::MAX;
         for _ in 0..ROUNDS {

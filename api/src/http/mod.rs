@@ -275,17 +275,22 @@ const MAX_IDLE_THREADS: usize = 4;
 fn spawn_worker(shared: &Arc<Shared>) -> io::Result<()> {
     shared.accepting.fetch_add(1, Ordering::AcqRel);
     let worker_shared = shared.clone();
-    let spawned = seccomp::spawn(
+    let failed_shared = shared.clone();
+    // Not waited for: the connection that made this thread start another is served at once.
+    let spawned = seccomp::spawn_detached(
         thread::Builder::new()
             .name("api-conn".into())
             .stack_size(256 << 10),
         seccomp::ThreadKind::Api,
         move || worker(&worker_shared),
+        move |_| {
+            failed_shared.accepting.fetch_sub(1, Ordering::AcqRel);
+        },
     );
     if spawned.is_err() {
         shared.accepting.fetch_sub(1, Ordering::AcqRel);
     }
-    spawned.map(|_| ())
+    spawned
 }
 
 /// Connection threads take turns in `accept` on the shared listener (the kernel wakes one
