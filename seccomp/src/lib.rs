@@ -401,7 +401,18 @@ where
 /// allocator's one-time look at the number of CPUs (it reads /sys, which no worker may
 /// open, the first time some thread needs a new arena).
 fn prepare_process() -> Result<(), Error> {
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    // The CPUs this process may run on: one sched_getaffinity, where available_parallelism
+    // would also open /proc/self/cgroup and the cgroup's quota files, on the way to the
+    // first guest instruction.
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for this thread.
+    let cpus = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            (libc::CPU_COUNT(&set) as usize).max(1)
+        } else {
+            1
+        }
+    };
     // glibc's default on 64-bit: 8 arenas per CPU. Setting it explicitly is what keeps the
     // allocator from counting CPUs later.
     // SAFETY: mallopt only changes allocator tuning.
