@@ -1,7 +1,8 @@
 //! Start-up next to the other VMMs, side by side in one run: podvmm, QEMU microvm (always,
 //! when `qemu-system-x86_64` is on PATH) and Cloud Hypervisor and Firecracker when
 //! `$PODVMM_PEERS_DIR` names a directory holding their binaries (`cloud-hypervisor`,
-//! `firecracker`; build them yourself from their release tags, nothing here builds them).
+//! `firecracker`, or more builds named `cloud-hypervisor*`, `firecracker*`; build them yourself
+//! from their release tags, nothing here builds them).
 //!
 //! Every VMM boots the same tiny PVH image (`tests/common`: it checks the start info, prints
 //! `PVH <command line>` on COM1 and ends the run through whichever device each VMM has), 1

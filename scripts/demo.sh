@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build-guest.sh
 cargo build --release --bin podvmm
-bin=target/release/podvmm
+bin=target/x86_64-unknown-linux-gnu/release/podvmm
 
 dir=$(mktemp -d /tmp/podvmm-demo.XXXXXX)
 sock="$dir/vsock.sock"

@@ -1,8 +1,9 @@
 //! The VMMs the start-up benchmarks compare, and how each one is started: podvmm, QEMU microvm
 //! (Debian's, on PATH), and Cloud Hypervisor and Firecracker where `$PODVMM_PEERS_DIR` holds
-//! their binaries (`cloud-hypervisor`, `firecracker`). Every one boots the same tiny PVH
-//! image (`pvh_guest_code_any_vmm` or `pvh_guest_code_idle` of `tests/common`) with its
-//! serial console on stdout, 1 vCPU, and the memory asked for.
+//! their binaries: every executable there named `cloud-hypervisor*` or `firecracker*` (so
+//! `firecracker-static` next to `firecracker` compares both builds). Every one boots the same
+//! tiny PVH image (`pvh_guest_code_any_vmm` or `pvh_guest_code_idle` of `tests/common`) with
+//! its serial console on stdout, 1 vCPU, and the memory asked for.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ pub enum Kind {
 #[derive(Clone, Debug)]
 pub struct Vmm {
     pub kind: Kind,
+    /// The binary's file name, for peers (`firecracker-static`).
+    label: Option<String>,
     pub program: PathBuf,
     /// `--version`'s first line, for the record.
     pub version: String,
@@ -42,13 +45,28 @@ impl Vmm {
         let version = version_of(&program);
         Vmm {
             kind,
+            label: None,
             program,
             version,
         }
     }
 
+    /// A peer binary, named after its file.
+    fn peer(kind: Kind, program: PathBuf) -> Self {
+        let label = program
+            .file_name()
+            .map(|n| n.to_string_lossy().replace('-', "_"));
+        Vmm {
+            label,
+            ..Vmm::new(kind, program)
+        }
+    }
+
     /// The name in the report lines.
     pub fn name(&self) -> String {
+        if let Some(label) = &self.label {
+            return label.clone();
+        }
         match self.kind {
             Kind::Podvmm => "podvmm".into(),
             Kind::CloudHypervisor => "cloud_hypervisor".into(),
@@ -177,15 +195,25 @@ pub fn peers_from_env() -> Vec<Vmm> {
         return Vec::new();
     };
     let dir = PathBuf::from(dir);
-    let found: Vec<Vmm> = [
-        (Kind::CloudHypervisor, "cloud-hypervisor"),
-        (Kind::Firecracker, "firecracker"),
-    ]
-    .into_iter()
-    .map(|(kind, file)| (kind, dir.join(file)))
-    .filter(|(_, p)| executable(p))
-    .map(|(kind, p)| Vmm::new(kind, p))
-    .collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    let found: Vec<Vmm> = files
+        .into_iter()
+        .filter(|p| executable(p))
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?;
+            let kind = if name.starts_with("cloud-hypervisor") {
+                Kind::CloudHypervisor
+            } else if name.starts_with("firecracker") {
+                Kind::Firecracker
+            } else {
+                return None;
+            };
+            Some(Vmm::peer(kind, p))
+        })
+        .collect();
     assert!(
         !found.is_empty(),
         "podvmm-bench: {PEERS_DIR_ENV}={} holds no executable cloud-hypervisor or firecracker",

@@ -24,6 +24,9 @@ pub fn testguest() -> PathBuf {
     }
 }
 
+/// The test guest is an x86-64 image built with the host's toolchain.
+const TESTGUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
 fn build() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("PODVMM_TESTGUEST") {
         return Ok(PathBuf::from(p));
@@ -31,15 +34,18 @@ fn build() -> Result<PathBuf, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let target_dir = root.join("target").join("testguest");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // The guest's link arguments come from its build.rs; flags meant for the host build
-    // (RUSTFLAGS, a cross target) must not leak into it.
+    // The guest's link arguments come from its build.rs; flags meant for podvmm (RUSTFLAGS,
+    // the workspace's static linking in .cargo/config.toml) must not reach it. An empty
+    // CARGO_ENCODED_RUSTFLAGS is the first source cargo looks at and holds no flags; the
+    // explicit target fixes where the image lands, whatever the configuration says.
     let out = Command::new(cargo)
         .args(["build", "--release", "--quiet", "--manifest-path"])
         .arg(root.join("testguest").join("Cargo.toml"))
+        .args(["--target", TESTGUEST_TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
+        .env("CARGO_ENCODED_RUSTFLAGS", "")
         .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_BUILD_TARGET")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
         .stdin(Stdio::null())
@@ -52,7 +58,10 @@ fn build() -> Result<PathBuf, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    Ok(target_dir.join("release").join("testguest"))
+    Ok(target_dir
+        .join(TESTGUEST_TARGET)
+        .join("release")
+        .join("testguest"))
 }
 
 /// Writes a disk image of `size` bytes (a multiple of 8) holding the guest's pattern.
