@@ -105,8 +105,8 @@ impl DeviceManager {
         for (i, disk) in config.disks.iter().flatten().enumerate() {
             let block = Block::new(block_config(disk, i)?).map_err(DeviceError::from)?;
             if block.engine() != EngineKind::IoUring {
-                eprintln!(
-                    "podvmm: note: disk {}: io_uring is not available here (kernel, seccomp or \
+                log::warn!(
+                    "disk {}: io_uring is not available here (kernel, seccomp or \
                      io_uring_disabled); using synchronous I/O, one request at a time per queue",
                     block.path().display()
                 );

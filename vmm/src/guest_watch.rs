@@ -22,7 +22,7 @@ pub fn console_watch(pvm: bool) -> LineWatch {
         }
         if pvm && !said_fixup && is_syscall_entry_fault(line) {
             said_fixup = true;
-            eprintln!("podvmm: {SYSCALL_FIXUP_MISSING}");
+            log::error!("{SYSCALL_FIXUP_MISSING}");
             crate::event_monitor::emit(
                 "guest",
                 "guest_syscall_unsupported",

@@ -82,8 +82,8 @@ fn note_once(opcode: u8, rip: u64) {
         .unwrap_or_else(|p| p.into_inner())
         .insert(opcode)
     {
-        eprintln!(
-            "podvmm: note: completed instruction {opcode:#04x} at rip {rip:#x} that the hypervisor could not emulate"
+        log::warn!(
+            "completed instruction {opcode:#04x} at rip {rip:#x} that the hypervisor could not emulate"
         );
     }
 }

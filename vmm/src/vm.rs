@@ -288,11 +288,11 @@ impl Vm {
         static SAID: std::sync::Once = std::sync::Once::new();
         if !added.is_empty() {
             SAID.call_once(|| {
-                eprintln!(
-                "podvmm: note: this host's {} is software virtualization (PVM); added {} to the guest command line",
-                hv.kind(),
-                added.join(" ")
-            )
+                log::warn!(
+                    "this host's {} is software virtualization (PVM); added {} to the guest command line",
+                    hv.kind(),
+                    added.join(" ")
+                )
             });
         }
         crate::event_monitor::emit(

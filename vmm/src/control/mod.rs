@@ -484,8 +484,8 @@ impl Vmm {
         };
         match &reason {
             ExitReason::Reset | ExitReason::Shutdown | ExitReason::Terminated(_) => {}
-            ExitReason::TripleFault => eprintln!("podvmm: guest stopped: triple fault"),
-            ExitReason::GuestError(msg) => eprintln!("podvmm: guest stopped: {msg}"),
+            ExitReason::TripleFault => log::warn!("guest stopped: triple fault"),
+            ExitReason::GuestError(msg) => log::warn!("guest stopped: {msg}"),
         }
         release(&self.epoll, record);
         record.state = VmState::Shutdown;

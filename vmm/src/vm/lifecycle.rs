@@ -330,10 +330,7 @@ impl Vm {
             } else {
                 // Wedged outside the guest (a device call that never returns): joining would
                 // hang the VMM. Leave it; it ends with the process.
-                eprintln!(
-                    "podvmm: warning: vCPU thread {:?} did not stop",
-                    handle.thread().name()
-                );
+                log::warn!("vCPU thread {:?} did not stop", handle.thread().name());
             }
         }
     }
