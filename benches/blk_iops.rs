@@ -21,6 +21,12 @@
 //! created once at `/var/tmp/podvmm-bench/blk_iops-1G.img` (or `$PODVMM_BLK_BENCH_FILE`) and
 //! reused. The write runs overwrite random blocks of it with random data.
 //!
+//! One more comparison reads from the host page cache (`--direct=0` for fio) with a driver
+//! that polls its used ring and asks for no interrupts, as the test guest does: there the
+//! device's own path is the whole cost; `iops_ratio_cached_vs_host=` is the device over fio.
+//! Every one-queue read comparison also runs the device with its workers' polling off, in the
+//! same round: `poll_gain=` (page cache) and `<id> ... poll_gain=` are on over off.
+//!
 //! Reports (criterion): `blk_iops/{randread,randwrite}_4k_qd32_{1,4}q`, per-request time and
 //! throughput. Then the interleaved comparison; the closing lines are
 //! `podvmm-bench: blk_iops=`, `fio_iops=` and `iops_ratio_vs_host=` for 1 queue, 4 KiB random
@@ -94,6 +100,8 @@ struct DriverQueue {
     last_used: u16,
     in_flight: u32,
     rng: Rng,
+    /// The driver polls the used ring and asks for no interrupts (as the test guest does).
+    polled: bool,
 }
 
 impl DriverQueue {
@@ -111,6 +119,7 @@ impl DriverQueue {
             last_used: 0,
             in_flight: 0,
             rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (index + 1)),
+            polled: false,
         }
     }
 
@@ -210,6 +219,9 @@ impl DriverQueue {
                     self.queue_request(mem, k);
                 }
             }
+            if self.polled {
+                break;
+            }
             // virtqueue_enable_cb: interrupt me at the next completion, then check again.
             mem.write_obj(
                 self.last_used,
@@ -243,7 +255,26 @@ struct Rig {
     irq: EventFd,
     queues: Vec<DriverQueue>,
     engine: EngineKind,
+    polled: bool,
 }
+
+/// How one side of a comparison drives the device.
+#[derive(Clone, Copy)]
+struct Driving {
+    /// O_DIRECT (the disk) or the host page cache.
+    direct: bool,
+    /// The device's workers may poll before they sleep (podvmm's default).
+    device_polls: bool,
+    /// The driver polls the used ring instead of waiting for interrupts.
+    polled: bool,
+}
+
+/// The disk through O_DIRECT, a driver that waits for interrupts (Linux's virtio_blk).
+const DISK: Driving = Driving {
+    direct: true,
+    device_polls: true,
+    polled: false,
+};
 
 fn w(t: &Mutex<MmioTransport>, off: u64, v: u32) {
     t.lock().expect("transport").write(off, &v.to_le_bytes());
@@ -309,7 +340,7 @@ enum Stop {
 }
 
 impl Rig {
-    fn new(path: &Path, num_queues: u16, write: bool, depth: u16) -> Rig {
+    fn new(path: &Path, num_queues: u16, write: bool, depth: u16, how: Driving) -> Rig {
         assert!((1..=QUEUE_DEPTH).contains(&depth), "depth {depth}");
         let mem = Arc::new(
             GuestMemoryMmap::from_ranges(&[(
@@ -318,16 +349,21 @@ impl Rig {
             )])
             .expect("guest memory"),
         );
-        let block = Block::new(BlockConfig {
+        let mut block = Block::new(BlockConfig {
             path: path.to_owned(),
             readonly: false,
-            direct: true,
+            direct: how.direct,
             num_queues,
             queue_size: QUEUE_SIZE,
-            id: "bench".into(),
+            // The worker threads' names (blk-<id>-q<n>) tell the two sides apart in a
+            // profile (scripts/io-counts.sh).
+            id: if how.device_polls { "bench" } else { "nopoll" }.into(),
             engine: None,
         })
         .expect("open the bench file");
+        if !how.device_polls {
+            block.set_poll_max(Duration::ZERO);
+        }
         let engine = block.engine();
         let irq = EventFd::new(0).expect("eventfd");
         let transport = MmioTransport::new(
@@ -363,7 +399,8 @@ impl Rig {
         assert_ne!(r(&t, reg::STATUS) & 8, 0, "FEATURES_OK refused");
         let mut queues = Vec::new();
         for q in 0..num_queues {
-            let dq = DriverQueue::new(u64::from(q));
+            let mut dq = DriverQueue::new(u64::from(q));
+            dq.polled = how.polled;
             dq.lay_out(&mem, write);
             w(&t, reg::QUEUE_SEL, u32::from(q));
             w(&t, reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
@@ -388,6 +425,7 @@ impl Rig {
             irq,
             queues,
             engine,
+            polled: how.polled,
         }
     }
 
@@ -412,7 +450,7 @@ impl Rig {
         let mut elapsed;
         let mut refill = true;
         loop {
-            self.wait_interrupt();
+            self.wait_completion();
             for (q, dq) in self.queues.iter_mut().enumerate() {
                 let (n, notify) = dq.reap(&mem, refill);
                 if refill {
@@ -444,10 +482,30 @@ impl Rig {
 
     fn drain(&mut self, mem: &GuestMemoryMmap) {
         while self.queues.iter().any(|q| q.in_flight > 0) {
-            self.wait_interrupt();
+            self.wait_completion();
             for dq in &mut self.queues {
                 dq.reap(mem, false);
             }
+        }
+    }
+
+    /// Until a completion may be there: the interrupt, or (a polling driver) a used index
+    /// that moved.
+    fn wait_completion(&self) {
+        if !self.polled {
+            return self.wait_interrupt();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self
+                .queues
+                .iter()
+                .any(|q| q.in_flight > 0 && q.used_idx(&self.mem) != q.last_used)
+            {
+                return;
+            }
+            std::hint::spin_loop();
+            assert!(Instant::now() < deadline, "no completion in 10 s");
         }
     }
 
@@ -545,7 +603,14 @@ struct FioRun {
 }
 
 /// fio's figures for the same pattern, or None when fio is missing.
-fn fio(path: &Path, num_jobs: u16, write: bool, secs: u64, depth: u16) -> Option<FioRun> {
+fn fio(
+    path: &Path,
+    num_jobs: u16,
+    write: bool,
+    secs: u64,
+    depth: u16,
+    direct: bool,
+) -> Option<FioRun> {
     let rw = if write { "randwrite" } else { "randread" };
     let out = Command::new("fio")
         .args([
@@ -559,7 +624,13 @@ fn fio(path: &Path, num_jobs: u16, write: bool, secs: u64, depth: u16) -> Option
         .args([
             "--bs=4k",
             &format!("--iodepth={depth}"),
-            "--direct=1",
+            &format!("--direct={}", u8::from(direct)),
+            // fio drops the file's cached pages at start by default.
+            if direct {
+                "--invalidate=1"
+            } else {
+                "--invalidate=0"
+            },
             "--ioengine=io_uring",
         ])
         .arg(format!("--numjobs={num_jobs}"))
@@ -599,6 +670,7 @@ struct Config {
     queues: u16,
     write: bool,
     depth: u16,
+    how: Driving,
 }
 
 const fn config(id: &'static str, queues: u16, write: bool, depth: u16) -> Config {
@@ -607,15 +679,32 @@ const fn config(id: &'static str, queues: u16, write: bool, depth: u16) -> Confi
         queues,
         write,
         depth,
+        how: DISK,
     }
 }
 
-const CONFIGS: [Config; 5] = [
+/// Reads from the host page cache by a driver that polls its used ring (the test guest; a
+/// busy Linux guest comes close): the device's own path is the whole cost, and its polling
+/// is compared with none, side by side.
+const CACHED: &str = "randread_4k_qd32_1q_cached";
+
+const CONFIGS: [Config; 6] = [
     config("randread_4k_qd32_1q", 1, false, 32),
     config("randread_4k_qd32_4q", 4, false, 32),
     config("randwrite_4k_qd32_1q", 1, true, 32),
     config("randwrite_4k_qd32_4q", 4, true, 32),
     config("randread_4k_qd1_1q", 1, false, 1),
+    Config {
+        id: CACHED,
+        queues: 1,
+        write: false,
+        depth: 32,
+        how: Driving {
+            direct: false,
+            device_polls: true,
+            polled: true,
+        },
+    },
 ];
 
 fn main() {
@@ -649,7 +738,7 @@ fn main() {
 
     let path = bench_file();
     {
-        let mut rig = Rig::new(&path, 1, false, QUEUE_DEPTH);
+        let mut rig = Rig::new(&path, 1, false, QUEUE_DEPTH, DISK);
         println!(
             "podvmm-bench: engine={} file={} size=1GiB direct=on queue_size={QUEUE_SIZE} depth={QUEUE_DEPTH} (indirect descriptors, event index)",
             rig.engine.name(),
@@ -663,7 +752,7 @@ fn main() {
     group.sampling_mode(SamplingMode::Flat);
     group.throughput(Throughput::Elements(1));
     for c in &CONFIGS {
-        let mut rig = Rig::new(&path, c.queues, c.write, c.depth);
+        let mut rig = Rig::new(&path, c.queues, c.write, c.depth, c.how);
         group.bench_function(c.id, |b| {
             b.iter_custom(|iters| rig.run(Stop::Count(iters)).time)
         });
@@ -702,17 +791,47 @@ fn main() {
         let (mut dev_ios, mut dev_time, mut dev_cpu, mut dev_rounds) =
             (0u64, 0f64, 0f64, Vec::new());
         let mut fio_runs = Vec::new();
+        let (mut nopoll_ios, mut nopoll_time) = (0u64, 0f64);
+        if !c.how.direct {
+            // Both sides read from the page cache: put the whole file in it.
+            let _ = std::fs::read(&path);
+        }
         // Taking turns: device, fio, device, fio...
         for _ in 0..rounds {
-            let mut rig = Rig::new(&path, c.queues, c.write, c.depth);
+            let mut rig = Rig::new(&path, c.queues, c.write, c.depth, c.how);
             let run = rig.run(Stop::Time(Duration::from_secs(secs)));
             drop(rig);
             dev_ios += run.ios;
             dev_time += run.time.as_secs_f64();
             dev_cpu += run.device_cpu.as_secs_f64();
             dev_rounds.push(run.ios as f64 / run.time.as_secs_f64());
+            if !c.write && c.queues == 1 {
+                // The same with the device's polling off.
+                let how = Driving {
+                    device_polls: false,
+                    ..c.how
+                };
+                let mut rig = Rig::new(&path, c.queues, c.write, c.depth, how);
+                let run = rig.run(Stop::Time(Duration::from_secs(secs)));
+                nopoll_ios += run.ios;
+                nopoll_time += run.time.as_secs_f64();
+            }
             if fio_version.is_some() {
-                fio_runs.extend(fio(&path, c.queues, c.write, secs, c.depth));
+                fio_runs.extend(fio(&path, c.queues, c.write, secs, c.depth, c.how.direct));
+            }
+        }
+        if nopoll_ios > 0 {
+            let nopoll = nopoll_ios as f64 / nopoll_time;
+            println!(
+                "podvmm-bench: {} nopoll_iops={nopoll:.0} poll_gain={:.3} (the device's polling on / off)",
+                c.id,
+                dev_ios as f64 / dev_time / nopoll
+            );
+            if c.id == CACHED {
+                println!(
+                    "podvmm-bench: poll_gain={:.3}",
+                    dev_ios as f64 / dev_time / nopoll
+                );
             }
         }
         let dev = Figures {
@@ -745,6 +864,12 @@ fn main() {
             us(host.as_ref().and_then(|h| h.cpu_per_request)),
             list(&dev_rounds),
             list(&fio_iops),
+        );
+        // Totals, for per-request counts (scripts/io-counts.sh).
+        println!(
+            "podvmm-bench: {} requests: blk-bench-q0={dev_ios} blk-nopoll-q0={nopoll_ios} fio={:.0}",
+            c.id,
+            fio_iops.iter().sum::<f64>() * secs as f64
         );
         results.push((c.id, dev, host));
     }
@@ -791,6 +916,7 @@ fn main() {
     }
     // The headline (1 queue, reads) last.
     for (id, suffix, ratio_name) in [
+        (CACHED, "_cached", "iops_ratio_cached_vs_host"),
         ("randread_4k_qd32_4q", "_4q", "iops_ratio_4q_vs_host"),
         ("randwrite_4k_qd32_1q", "_write", "iops_ratio_write_vs_host"),
         (
@@ -807,6 +933,7 @@ fn main() {
                 "blk_write_iops_4q".to_string(),
                 "fio_write_iops_4q".to_string(),
             ),
+            "_cached" => ("blk_cached_iops".to_string(), "fio_cached_iops".to_string()),
             s => (format!("blk_iops{s}"), format!("fio_iops{s}")),
         };
         println!("podvmm-bench: {blk_name}={}", fmt(dev));

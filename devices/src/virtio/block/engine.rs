@@ -93,10 +93,24 @@ pub trait Engine: Send {
     fn watch(&mut self, _fd: RawFd, _token: u64) -> std::io::Result<bool> {
         Ok(false)
     }
-    /// Submits what is queued, then blocks until a request finishes or a watched fd fires
-    /// (appending its token to `fired`). Finished requests are then ready for `reap`.
-    fn wait(&mut self, _fired: &mut Vec<u64>) -> std::io::Result<()> {
+    /// Submits what is queued, then, if `block`, sleeps until a request finishes or a
+    /// watched fd fires (appending its token to `fired`). Finished requests are then ready
+    /// for `reap`.
+    fn wait(&mut self, _fired: &mut Vec<u64>, _block: bool) -> std::io::Result<()> {
         Ok(())
+    }
+    /// Hands what is queued to the kernel now, without waiting (a worker about to poll).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Whether a completion or a watched fd waits to be collected: cheap enough to call in a
+    /// polling loop (no system call).
+    fn ready(&mut self) -> bool {
+        false
+    }
+    /// Requests the kernel holds: submitted and not finished (queued ones do not count).
+    fn held(&mut self) -> usize {
+        0
     }
     /// Requests submitted and not yet reaped.
     fn in_flight(&self) -> usize;
@@ -410,20 +424,46 @@ impl Engine for UringEngine {
         Ok(true)
     }
 
-    fn wait(&mut self, fired: &mut Vec<u64>) -> std::io::Result<()> {
+    fn wait(&mut self, fired: &mut Vec<u64>, block: bool) -> std::io::Result<()> {
         self.push_pending();
-        let ready =
-            !self.done.is_empty() || !self.fired.is_empty() || !self.ring.completion().is_empty();
-        let want = if ready { 0 } else { 1 };
-        match self.ring.submit_and_wait(want) {
-            Ok(_) => {}
-            // A signal, or a full completion queue (reaping below makes room).
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-            Err(e) => return Err(e),
+        let want = if !block || self.ready() { 0 } else { 1 };
+        // Nothing to submit and nothing to wait for: no system call.
+        if want == 1 || !self.ring.submission().is_empty() {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => {}
+                // A signal, or a full completion queue (reaping below makes room).
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
         }
         self.drain_cq();
         fired.append(&mut self.fired);
         Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.push_pending();
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            // Left queued: the next wait submits them.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn ready(&mut self) -> bool {
+        !self.done.is_empty() || !self.fired.is_empty() || !self.ring.completion().is_empty()
+    }
+
+    fn held(&mut self) -> usize {
+        // Finished ones free their slots; pushed entries the kernel has not consumed yet are
+        // still ours.
+        self.drain_cq();
+        let unsubmitted = self.ring.submission().len();
+        (self.slots.len() - self.free.len()).saturating_sub(unsubmitted)
     }
 
     fn drain(&mut self) {

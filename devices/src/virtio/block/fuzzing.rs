@@ -49,6 +49,8 @@ impl Harness {
                 file,
             },
             counters.clone(),
+            // Deterministic: the harness drives the worker pass by pass.
+            std::time::Duration::ZERO,
         );
         Ok(Harness { worker, counters })
     }
@@ -60,7 +62,7 @@ impl Harness {
         let mut idle_waits = 0;
         while self.worker.engine.in_flight() > 0 {
             let before = self.worker.engine.in_flight();
-            self.worker.engine.wait(&mut fired)?;
+            self.worker.engine.wait(&mut fired, true)?;
             self.worker.complete();
             if self.worker.engine.in_flight() >= before {
                 idle_waits += 1;

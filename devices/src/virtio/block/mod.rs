@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -125,6 +126,8 @@ pub struct Block {
     engine: EngineKind,
     counters: Arc<BlockCounters>,
     workers: Vec<(EventFd, JoinHandle<()>)>,
+    /// Each queue worker's longest poll before it sleeps.
+    poll_max: Duration,
 }
 
 /// Opens a disk image or block device and checks it from the descriptor: a regular file or
@@ -211,7 +214,14 @@ impl Block {
             cfg,
             counters: Arc::default(),
             workers: Vec::new(),
+            poll_max: POLL_MAX,
         })
+    }
+
+    /// Sets how long each queue worker may poll before it sleeps (zero: never; the default
+    /// is [`POLL_MAX`]). For comparisons; takes effect at the next activation.
+    pub fn set_poll_max(&mut self, poll_max: Duration) {
+        self.poll_max = poll_max;
     }
 
     /// Capacity in 512-byte sectors (a trailing partial sector is not exposed).
@@ -337,6 +347,7 @@ impl Block {
                     file: self.file.clone(),
                 },
                 self.counters.clone(),
+                self.poll_max,
             );
             let handle = super::worker::spawn(
                 format!("blk-{}-q{index}", self.cfg.id),
@@ -379,6 +390,17 @@ pub struct Worker {
     inflight: Vec<Option<InFlight>>,
     /// Reused for every batch of completions.
     done: Vec<Completion>,
+    /// The longest the worker polls for more work before it sleeps (zero: never; see
+    /// [`Worker::look_for_work`]), and the window it polls now (adaptive).
+    poll_max: Duration,
+    poll: Duration,
+    /// When the worker last ran out of work with nothing in the kernel (to adapt `poll`).
+    idle_since: Option<Instant>,
+    /// Passes left before polling is tried again, after requests that did not finish
+    /// while they were submitted.
+    slow_io: u32,
+    /// Whether the driver is asked to notify (false after a pass, until the worker sleeps).
+    listening: bool,
 }
 
 /// What the worker remembers about a request the engine is running.
@@ -387,6 +409,19 @@ struct InFlight {
     status_addr: GuestAddress,
     flush: bool,
 }
+
+/// The longest a queue worker polls before it sleeps (see [`Worker::look_for_work`]):
+/// QEMU's iothreads poll up to 32 µs by default; a notify exit and a wake-up cost more than
+/// that on a nested (PVM) host.
+pub const POLL_MAX: Duration = Duration::from_micros(50);
+/// The first window adaptive polling tries.
+const POLL_START: Duration = Duration::from_micros(4);
+/// Passes without polling after a batch the kernel did not finish at once (see
+/// [`Worker::look_for_work`]): the disk is slow next to a notify, and a spin would only burn
+/// the CPU it takes to answer.
+const SLOW_IO_PASSES: u32 = 64;
+/// Checks between two reads of the clock while polling.
+const POLL_SPINS: u32 = 256;
 
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_KILL: u64 = 1;
@@ -403,6 +438,7 @@ impl Worker {
         engine: Box<dyn Engine>,
         disk: OpenDisk,
         counters: Arc<BlockCounters>,
+        poll_max: Duration,
     ) -> Self {
         let size = usize::from(queue.size());
         Worker {
@@ -418,6 +454,11 @@ impl Worker {
             broken: false,
             inflight: vec![None; size],
             done: Vec::with_capacity(size),
+            poll_max,
+            poll: Duration::ZERO,
+            idle_since: None,
+            slow_io: 0,
+            listening: true,
         }
     }
 
@@ -432,7 +473,11 @@ impl Worker {
             .and_then(|q| Ok(q && self.engine.watch(self.kill_evt.as_raw_fd(), TOKEN_KILL)?));
         match native {
             Ok(true) => self.run_native(),
-            Ok(false) => self.run_epoll(),
+            Ok(false) => {
+                // Its requests finish inside `kick`: there is nothing to poll for.
+                self.poll_max = Duration::ZERO;
+                self.run_epoll()
+            }
             Err(e) => Err(format!("watching its queue: {e}")),
         }
     }
@@ -450,9 +495,16 @@ impl Worker {
         let mut fired = Vec::with_capacity(2);
         loop {
             fired.clear();
-            if let Err(e) = self.engine.wait(&mut fired) {
+            // After a pass that took requests, look for more before sleeping: the driver adds
+            // to the avail ring without notifying (each notify is a VM exit), and the
+            // completions of what was just submitted may be microseconds away.
+            let more = !self.listening && self.look_for_work();
+            if let Err(e) = self.engine.wait(&mut fired, !more) {
                 self.stop();
                 return Err(format!("waiting on its io_uring: {e}"));
+            }
+            if let Some(since) = self.idle_since.take() {
+                self.adapt_poll(since.elapsed());
             }
             if fired.contains(&TOKEN_KILL) {
                 self.stop();
@@ -460,6 +512,8 @@ impl Worker {
             }
             if fired.contains(&TOKEN_QUEUE) {
                 let _ = self.queue_evt.read();
+            }
+            if more || fired.contains(&TOKEN_QUEUE) {
                 self.process_queue();
             }
             // Always reap: a completion left in the engine would make the next wait return
@@ -536,6 +590,7 @@ impl Worker {
             if self.queue.disable_notification(mem.as_ref()).is_err() {
                 return self.broken_queue();
             }
+            self.listening = false;
             loop {
                 let chain = match self.queue.iter(mem.as_ref()) {
                     Ok(mut it) => it.next(),
@@ -555,14 +610,98 @@ impl Worker {
                     }
                 }
             }
-            match self.queue.enable_notification(mem.as_ref()) {
-                Ok(true) => continue, // more arrived while notifications were off
-                Ok(false) => break,
-                Err(_) => return self.broken_queue(),
+            // A worker that may poll listens again only when it is about to sleep.
+            if !self.poll_max.is_zero() || self.listen() {
+                break;
             }
         }
         self.engine.kick();
         self.complete();
+    }
+
+    /// Asks the driver to notify again. False: requests arrived meanwhile (take them first);
+    /// true also when the queue is broken (nothing more will be taken from it).
+    fn listen(&mut self) -> bool {
+        match self.queue.enable_notification(self.mem.as_ref()) {
+            Ok(true) => false,
+            Ok(false) => {
+                self.listening = true;
+                true
+            }
+            Err(_) => {
+                self.broken_queue();
+                true
+            }
+        }
+    }
+
+    /// Called before sleeping while the driver's notifications are off (after a pass that
+    /// took requests). True: there is work, do not sleep. Otherwise the driver is asked to
+    /// notify again (and if requests raced with that, true after all).
+    ///
+    /// When the kernel holds none of this queue's requests and finished the last ones while
+    /// they were submitted (the page cache, a fast device), the worker first polls, with
+    /// notifications still off, for up to its adaptive window: a busy driver's next requests
+    /// are then taken without a notify (a VM exit) and a wake-up each. While requests are in
+    /// the kernel (a disk), it sleeps at once: polling would only burn the CPU the disk takes
+    /// to answer, and split the driver's batches.
+    fn look_for_work(&mut self) -> bool {
+        if self.broken {
+            return false;
+        }
+        if self.engine.ready() {
+            return true;
+        }
+        if self.poll_max.is_zero() || self.engine.held() > 0 || self.slow_io > 0 {
+            self.slow_io = self.slow_io.saturating_sub(1);
+            return !self.listen();
+        }
+        // How long until the next work arrives decides the window (see `adapt_poll`).
+        self.idle_since = Some(Instant::now());
+        if !self.poll.is_zero() {
+            // What was queued must reach the kernel before the spin, or it never finishes.
+            if self.engine.flush().is_err() {
+                return !self.listen();
+            }
+            if self.engine.held() > 0 {
+                // The kernel did not finish them while submitting: a disk, not the page
+                // cache. Sleep until they complete, and try polling again only later.
+                self.slow_io = SLOW_IO_PASSES;
+                return !self.listen();
+            }
+            let start = Instant::now();
+            loop {
+                for _ in 0..POLL_SPINS {
+                    if self.engine.ready() || self.avail_pending() {
+                        return true;
+                    }
+                    std::hint::spin_loop();
+                }
+                if start.elapsed() >= self.poll {
+                    break;
+                }
+            }
+        }
+        !self.listen()
+    }
+
+    /// QEMU's adaptive polling (util/aio-posix.c), for one queue: work that came within the
+    /// window needs no change; work that came later, but within `poll_max`, widens the window
+    /// (from 4 µs, doubling); work that took longer than `poll_max` (a disk's latency, an
+    /// idle driver) turns polling off until short gaps are seen again.
+    fn adapt_poll(&mut self, waited: Duration) {
+        if waited > self.poll_max {
+            self.poll = Duration::ZERO;
+        } else if waited > self.poll {
+            self.poll = (self.poll * 2).max(POLL_START).min(self.poll_max);
+        }
+    }
+
+    /// Whether the driver made chains available that the worker has not taken.
+    fn avail_pending(&self) -> bool {
+        self.queue
+            .avail_idx(self.mem.as_ref(), Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != self.queue.next_avail())
     }
 
     /// The rings themselves are corrupt (an avail index more than a queue ahead, a head
