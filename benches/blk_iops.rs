@@ -322,8 +322,8 @@ impl Rig {
             path: path.to_owned(),
             readonly: false,
             direct: true,
-            num_queues,
-            queue_size: QUEUE_SIZE,
+            num_queues: api::validated::DiskQueues::new(num_queues.into()).expect("queues"),
+            queue_size: api::validated::QueueSize::new(QUEUE_SIZE.into()).expect("queue size"),
             id: "bench".into(),
             engine: None,
         })
