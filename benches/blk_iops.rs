@@ -353,8 +353,8 @@ impl Rig {
             path: path.to_owned(),
             readonly: false,
             direct: how.direct,
-            num_queues,
-            queue_size: QUEUE_SIZE,
+            num_queues: api::validated::DiskQueues::new(num_queues.into()).expect("queues"),
+            queue_size: api::validated::QueueSize::new(QUEUE_SIZE.into()).expect("queue size"),
             // The worker threads' names (blk-<id>-q<n>) tell the two sides apart in a
             // profile (scripts/io-counts.sh).
             id: if how.device_polls { "bench" } else { "nopoll" }.into(),

@@ -239,105 +239,7 @@ pub struct VmConfig {
     pub pod: Option<crate::PodConfig>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ValidationError {
-    #[error("no kernel given (payload.kernel / --kernel)")]
-    NoKernel,
-    #[error("boot_vcpus must be at least 1")]
-    NoVcpus,
-    #[error("max_vcpus ({max}) must be at least boot_vcpus ({boot})")]
-    MaxVcpus { boot: u32, max: u32 },
-    #[error("memory size must be greater than zero")]
-    NoMemory,
-    #[error("memory size {0} is not a multiple of 4 KiB (4096 bytes)")]
-    MemoryAlignment(u64),
-    #[error("device id {0} is used twice")]
-    DuplicateId(String),
-    #[error("console mode {0:?} is not supported (podvmm has no virtio-console; use off)")]
-    Console(ConsoleOutputMode),
-    #[error("serial mode File needs a file path")]
-    SerialFile,
-    #[error("{0}")]
-    Fs(String),
-    #[error("memory hugepage_size {0} needs hugepages=true")]
-    HugepageSizeAlone(u64),
-    #[error("memory hugepage_size {0} is not one x86 offers (2 MiB: 2097152, 1 GiB: 1073741824)")]
-    HugepageSize(u64),
-    #[error("memory size {size} is not a multiple of the hugepage size {page}")]
-    HugepageAlignment { size: u64, page: u64 },
-    #[error("fs tag {0} is used twice")]
-    DuplicateTag(String),
-    #[error(
-        "fs {0}: a vhost-user back-end maps guest memory, so it must be shared: set \
-         memory.shared=true (--memory shared=on)"
-    )]
-    FsNeedsSharedMemory(String),
-}
-
 impl VmConfig {
-    /// Checks what can be checked without the host: limits that need the hypervisor and the
-    /// host's memory are checked when the VM is built.
-    pub fn validate(&self) -> Result<(), ValidationError> {
-        if self.payload.kernel.is_none() {
-            return Err(ValidationError::NoKernel);
-        }
-        if self.cpus.boot_vcpus == 0 {
-            return Err(ValidationError::NoVcpus);
-        }
-        if self.cpus.max_vcpus < self.cpus.boot_vcpus {
-            return Err(ValidationError::MaxVcpus {
-                boot: self.cpus.boot_vcpus,
-                max: self.cpus.max_vcpus,
-            });
-        }
-        if self.memory.size == 0 {
-            return Err(ValidationError::NoMemory);
-        }
-        if !self.memory.size.is_multiple_of(4096) {
-            return Err(ValidationError::MemoryAlignment(self.memory.size));
-        }
-        if !matches!(
-            self.console.mode,
-            ConsoleOutputMode::Off | ConsoleOutputMode::Null
-        ) {
-            return Err(ValidationError::Console(self.console.mode));
-        }
-        if self.serial.mode == ConsoleOutputMode::File && self.serial.file.is_none() {
-            return Err(ValidationError::SerialFile);
-        }
-        if let Some(page) = self.memory.hugepage_size {
-            if !self.memory.hugepages {
-                return Err(ValidationError::HugepageSizeAlone(page));
-            }
-            if !HUGEPAGE_SIZES.contains(&page) {
-                return Err(ValidationError::HugepageSize(page));
-            }
-            if !self.memory.size.is_multiple_of(page) {
-                return Err(ValidationError::HugepageAlignment {
-                    size: self.memory.size,
-                    page,
-                });
-            }
-        }
-        let mut tags = std::collections::BTreeSet::new();
-        for fs in self.fs.iter().flatten() {
-            fs.validate().map_err(ValidationError::Fs)?;
-            if !tags.insert(fs.tag.as_str()) {
-                return Err(ValidationError::DuplicateTag(fs.tag.clone()));
-            }
-            if !self.memory.shared {
-                return Err(ValidationError::FsNeedsSharedMemory(fs.tag.clone()));
-            }
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for id in self.device_ids() {
-            if !seen.insert(id) {
-                return Err(ValidationError::DuplicateId(id.to_string()));
-            }
-        }
-        Ok(())
-    }
-
     /// The ids given to devices (disks, NICs, vsock, shares), in that order.
     pub fn device_ids(&self) -> impl Iterator<Item = &str> {
         self.disks
@@ -358,6 +260,7 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ValidationError;
 
     #[test]
     fn cpus_option() {
@@ -421,7 +324,7 @@ mod tests {
                 "size=1G,hugepages=on,hugepage_size=4M",
                 "not one x86 offers",
             ),
-            ("size=3M,hugepages=on,hugepage_size=2M", "not a multiple"),
+            ("size=17M,hugepages=on,hugepage_size=2M", "not a multiple"),
         ] {
             let err = vm(memory).validate().unwrap_err().to_string();
             assert!(err.contains(want), "{memory}: {err}");
@@ -488,7 +391,16 @@ mod tests {
         cfg.memory.size = 17825793;
         assert_eq!(
             cfg.validate(),
-            Err(ValidationError::MemoryAlignment(17825793))
+            Err(ValidationError::Memory(
+                validated::ValueError::MemoryAlignment(17825793)
+            ))
         );
+        cfg.memory.size = 8 << 20;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("below the minimum of 16 MiB"), "{err}");
+        cfg.memory.size = 1 << 30;
+        cfg.cpus.boot_vcpus = 300;
+        cfg.cpus.max_vcpus = 300;
+        assert_eq!(cfg.validate(), Err(ValidationError::TooManyVcpus(300)));
     }
 }

@@ -18,10 +18,9 @@ fn parse_bool(v: &str) -> Result<bool, String> {
 
 fn parse_queue_size(v: &str) -> Result<u16, String> {
     let n = parse_count(v)?;
-    if !n.is_power_of_two() || n > 32768 {
-        return Err("must be a power of two up to 32768".into());
-    }
-    Ok(n as u16)
+    validated::QueueSize::new(n)
+        .map(validated::QueueSize::get)
+        .map_err(|e| e.to_string())
 }
 
 fn default_one() -> u32 {
@@ -190,23 +189,11 @@ impl std::fmt::Display for Ipv4Cidr {
     }
 }
 
-/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff` (a NIC's: unicast, not all zeroes).
 pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = v.split(':').collect();
-    if parts.len() != 6 {
-        return Err("expected six hex bytes separated by ':'".into());
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return Err("expected six hex bytes separated by ':'".into());
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| format!("'{p}' is not a hex byte"))?;
-    }
-    if mac[0] & 1 == 1 {
-        return Err("a multicast address cannot be a NIC's address".into());
-    }
-    Ok(mac)
+    v.parse::<validated::MacAddr>()
+        .map(validated::MacAddr::bytes)
+        .map_err(|e| e.to_string())
 }
 
 impl NetConfig {
@@ -243,14 +230,14 @@ impl NetConfig {
         )?;
         let ip = |k| m.parse_with(k, |v| v.parse::<Ipv4Addr>().map_err(|e| e.to_string()));
         m.parse_with("mac", parse_mac)?;
-        let num_queues = m.parse_with("num_queues", parse_count)?.unwrap_or(2);
-        if num_queues % 2 != 0 {
-            return Err(OptionError::InvalidValue {
-                key: "num_queues".into(),
-                value: num_queues.to_string(),
-                reason: "must be even (one receive and one transmit queue per pair)".into(),
-            });
-        }
+        let num_queues = m
+            .parse_with("num_queues", |v| {
+                let n = parse_count(v)?;
+                validated::NetQueuePairs::from_queues(n)
+                    .map(|_| n)
+                    .map_err(|e| e.to_string())
+            })?
+            .unwrap_or(2);
         Ok(NetConfig {
             tap: m.get("tap").map(str::to_string),
             ip: ip("ip")?,
@@ -285,39 +272,16 @@ pub struct VsockConfig {
 /// Bounds of [`VsockConfig::connect_timeout`], in seconds.
 pub const VSOCK_CONNECT_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=86_400;
 
-fn check_connect_timeout(t: u64) -> Result<(), String> {
-    if VSOCK_CONNECT_TIMEOUT_RANGE.contains(&t) {
-        Ok(())
-    } else {
-        Err(format!(
-            "must be {} to {} seconds",
-            VSOCK_CONNECT_TIMEOUT_RANGE.start(),
-            VSOCK_CONNECT_TIMEOUT_RANGE.end()
-        ))
-    }
-}
-
 impl VsockConfig {
-    /// Checks what serde cannot: the hold time's range.
-    pub fn validate(&self) -> Result<(), String> {
-        match self.connect_timeout {
-            Some(t) => {
-                check_connect_timeout(t).map_err(|e| format!("vsock connect_timeout={t}: {e}"))
-            }
-            None => Ok(()),
-        }
-    }
-
     /// `cid=N,socket=PATH[,id=NAME][,connect_timeout=SECONDS]`
     pub fn parse(s: &str) -> Result<Self, OptionError> {
         let m = OptionMap::parse(s, &["cid", "socket", "id", "connect_timeout"])?;
         let cid = m
             .parse_with("cid", |v| {
                 let n: u32 = v.parse().map_err(|_| "expected a number".to_string())?;
-                if n < 3 || n == u32::MAX {
-                    return Err("context ids 0-2 and 4294967295 are reserved".into());
-                }
-                Ok(n)
+                validated::GuestCid::new(n.into())
+                    .map(|_| n)
+                    .map_err(|e| e.to_string())
             })?
             .ok_or_else(|| OptionError::Missing("cid".into()))?;
         let socket = m
@@ -326,7 +290,9 @@ impl VsockConfig {
             .ok_or_else(|| OptionError::Missing("socket".into()))?;
         let connect_timeout = m.parse_with("connect_timeout", |v| {
             let n: u64 = v.parse().map_err(|_| "expected seconds".to_string())?;
-            check_connect_timeout(n).map(|_| n)
+            crate::valid::check_connect_timeout(n)
+                .map(|_| n)
+                .map_err(|e| e.to_string())
         })?;
         Ok(VsockConfig {
             cid,
@@ -358,39 +324,7 @@ fn default_fs_queue_size() -> u16 {
     1024
 }
 
-/// Longest tag (`struct virtio_fs_config`).
-pub const FS_TAG_MAX: usize = 36;
-/// Most request queues of one virtio-fs device.
-pub const FS_MAX_QUEUES: u32 = 64;
-
 impl FsConfig {
-    /// Checks what serde cannot: the tag's length, the queue numbers.
-    pub fn validate(&self) -> Result<(), String> {
-        let tag = &self.tag;
-        if tag.is_empty() || tag.len() > FS_TAG_MAX || tag.contains('\0') {
-            return Err(format!(
-                "fs tag {tag:?}: must be 1 to {FS_TAG_MAX} bytes without NUL, not {}",
-                tag.len()
-            ));
-        }
-        if !(1..=FS_MAX_QUEUES).contains(&self.num_queues) {
-            return Err(format!(
-                "fs {tag}: num_queues must be 1 to {FS_MAX_QUEUES}, not {}",
-                self.num_queues
-            ));
-        }
-        if !self.queue_size.is_power_of_two() {
-            return Err(format!(
-                "fs {tag}: queue_size must be a power of two, not {}",
-                self.queue_size
-            ));
-        }
-        if self.socket.as_os_str().is_empty() {
-            return Err(format!("fs {tag}: socket path is empty"));
-        }
-        Ok(())
-    }
-
     /// `tag=NAME,socket=PATH[,num_queues=N][,queue_size=N][,id=NAME]` (Cloud Hypervisor's
     /// `--fs`).
     pub fn parse(s: &str) -> Result<Self, OptionError> {
@@ -411,10 +345,10 @@ impl FsConfig {
                 .unwrap_or(default_fs_queue_size()),
             id: m.get("id").map(str::to_string),
         };
-        fs.validate().map_err(|reason| OptionError::InvalidValue {
+        fs.validate(0).map_err(|e| OptionError::InvalidValue {
             key: "fs".into(),
             value: s.to_string(),
-            reason,
+            reason: e.to_string(),
         })?;
         Ok(fs)
     }
@@ -520,6 +454,7 @@ mod tests {
         let v = VsockConfig::parse("cid=3,socket=/s,connect_timeout=900").unwrap();
         assert_eq!(v.connect_timeout, Some(900));
         assert!(v.validate().is_ok());
+        assert!(VsockConfig::parse("cid=4294967295,socket=/s").is_err());
         for bad in [
             "cid=2,socket=/s",
             "cid=x,socket=/s",
@@ -533,6 +468,7 @@ mod tests {
         }
         let json: VsockConfig =
             serde_json::from_str(r#"{"cid":3,"socket":"/s","connect_timeout":0}"#).unwrap();
-        assert!(json.validate().unwrap_err().contains("connect_timeout=0"));
+        let err = json.validate().unwrap_err().to_string();
+        assert!(err.contains("connect_timeout=0"), "{err}");
     }
 }

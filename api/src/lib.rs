@@ -7,7 +7,8 @@
 //! Also the REST API's side of podvmm: the HTTP server on the API socket (`http`), the
 //! messages it exchanges with the VMM thread and the `ApiHandler` trait (`messages`), the pass
 //! over Cloud Hypervisor fields podvmm does not model (`compat`), pod sizing from Kubernetes
-//! quantities (`pod`, `quantity`) and a client for the socket (`client`).
+//! quantities (`pod`, `quantity`), the one validation of a configuration (`valid`) and a client
+//! for the socket (`client`).
 
 pub mod client;
 pub mod compat;
@@ -18,7 +19,11 @@ pub mod messages;
 pub mod options;
 pub mod pod;
 pub mod quantity;
+pub mod valid;
 
 pub use config::*;
 pub use devices::*;
 pub use pod::{ContainerLimits, PodConfig};
+pub use valid::*;
+/// The checked values devices take (re-exported for the VMM and tests).
+pub use validated;

@@ -4,12 +4,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use api::{DiskConfig, FsConfig, NetConfig, VmConfig, VsockConfig};
+use api::{ValidDisk, ValidFs, ValidNet, ValidVmConfig, ValidVsock, VmConfig};
 use devices::virtio::block::engine::EngineKind;
 use devices::virtio::block::{Block, BlockConfig, BlockCounters, BlockError};
 use devices::virtio::mmio::{MMIO_WINDOW, NOTIFY_OFFSET};
 use devices::virtio::net::{
-    format_mac, HostEnd, Ipv4Net, Net, NetCounters, NetDeviceConfig, NetError, MAX_QUEUE_PAIRS,
+    format_mac, CidrError, HostEnd, Ipv4Net, Net, NetCounters, NetDeviceConfig, NetError,
 };
 use devices::virtio::vsock::{
     EventSink, Vsock, VsockConfig as VsockDeviceConfig, VsockError, VsockEvent, VsockHandle,
@@ -38,8 +38,6 @@ pub enum DeviceError {
     Block(#[from] BlockError),
     #[error("too many virtio devices: at most {0}")]
     TooMany(usize),
-    #[error("disk {path}: {what}")]
-    DiskOption { path: String, what: String },
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
@@ -50,8 +48,12 @@ pub enum DeviceError {
     Fs(#[from] devices::virtio::fs::FsError),
     #[error("vsock: only one vsock device per VM")]
     SecondVsock,
-    #[error("net {id}: {what}")]
-    NetOption { id: String, what: String },
+    #[error("net {id}: deny: {source}")]
+    Deny {
+        id: String,
+        #[source]
+        source: CidrError,
+    },
     #[error("wiring a virtio device: {0}")]
     Hypervisor(#[source] hypervisor::Error),
     #[error("virtio transport: {0}")]
@@ -95,15 +97,17 @@ pub struct DeviceManager {
 }
 
 impl DeviceManager {
+    /// The devices of `valid` (what `config` said, checked) and `config`'s rng.
     pub fn new(
         vm: &dyn hypervisor::Vm,
         mem: &Arc<GuestMemoryMmap>,
         mmio: &Bus,
         config: &VmConfig,
+        valid: &ValidVmConfig,
     ) -> Result<Self> {
         let mut dm = DeviceManager::default();
-        for (i, disk) in config.disks.iter().flatten().enumerate() {
-            let block = Block::new(block_config(disk, i)?).map_err(DeviceError::from)?;
+        for disk in &valid.disks {
+            let block = Block::new(block_config(disk)).map_err(DeviceError::from)?;
             if block.engine() != EngineKind::IoUring {
                 log::warn!(
                     "disk {}: io_uring is not available here (kernel, seccomp or \
@@ -112,21 +116,20 @@ impl DeviceManager {
                 );
             }
             dm.disks.push(DiskInfo {
-                id: disk.id.clone().unwrap_or_else(|| format!("disk{i}")),
+                id: disk.id.clone(),
                 engine: block.engine().name(),
                 counters: block.counters(),
             });
             dm.add(vm, mem, mmio, Box::new(block))?;
         }
-        for net in config.net.iter().flatten() {
+        for net in &valid.nets {
             dm.add_net(vm, mem, mmio, net)?;
         }
-        if let Some(vsock) = &config.vsock {
+        if let Some(vsock) = &valid.vsock {
             dm.add_vsock(vm, mem, mmio, vsock)?;
         }
-        for (i, fs) in config.fs.iter().flatten().enumerate() {
-            let device =
-                devices::virtio::fs::Fs::new(fs_config(fs, i)).map_err(DeviceError::from)?;
+        for fs in &valid.fs {
+            let device = devices::virtio::fs::Fs::new(fs_config(fs)).map_err(DeviceError::from)?;
             dm.fs.push(FsInfo {
                 id: device.config().id.clone(),
                 counters: device.counters(),
@@ -150,12 +153,12 @@ impl DeviceManager {
         vm: &dyn hypervisor::Vm,
         mem: &Arc<GuestMemoryMmap>,
         mmio: &Bus,
-        cfg: &VsockConfig,
+        cfg: &ValidVsock,
     ) -> Result<()> {
         if self.vsock.is_some() {
             return Err(DeviceError::SecondVsock.into());
         }
-        let cid = u64::from(cfg.cid);
+        let cid = cfg.cid.get();
         let events: EventSink = Arc::new(move |e| match e {
             VsockEvent::DriverReady => crate::event_monitor::emit(
                 "vsock",
@@ -174,12 +177,11 @@ impl DeviceManager {
             ),
         });
         let (device, handle) = Vsock::new(VsockDeviceConfig {
-            cid,
+            cid: cfg.cid,
             socket: cfg.socket.clone(),
             options: VsockOptions {
                 boot_connect_timeout: cfg
                     .connect_timeout
-                    .map(std::time::Duration::from_secs)
                     .unwrap_or(devices::virtio::vsock::DEFAULT_BOOT_CONNECT_TIMEOUT),
                 ..VsockOptions::default()
             },
@@ -197,14 +199,11 @@ impl DeviceManager {
         vm: &dyn hypervisor::Vm,
         mem: &Arc<GuestMemoryMmap>,
         mmio: &Bus,
-        net: &NetConfig,
+        net: &ValidNet,
     ) -> Result<()> {
-        let device = Net::new(net_config(net, self.nets.len())?).map_err(DeviceError::from)?;
+        let device = Net::new(net_config(net)?).map_err(DeviceError::from)?;
         let info = NetInfo {
-            id: net
-                .id
-                .clone()
-                .unwrap_or_else(|| format!("net{}", self.nets.len())),
+            id: net.id.clone(),
             tap: device.tap_name().map(str::to_string),
             mac: format_mac(&device.mac()),
             counters: device.counters(),
@@ -253,74 +252,30 @@ impl DeviceManager {
     }
 }
 
-fn block_config(disk: &DiskConfig, index: usize) -> Result<BlockConfig> {
-    let bad = |what: String| DeviceError::DiskOption {
-        path: disk.path.display().to_string(),
-        what,
-    };
-    let num_queues = u16::try_from(disk.num_queues)
-        .ok()
-        .filter(|n| (1..=64).contains(n))
-        .ok_or_else(|| {
-            bad(format!(
-                "num_queues must be 1 to 64, not {}",
-                disk.num_queues
-            ))
-        })?;
-    if !disk.queue_size.is_power_of_two() {
-        return Err(bad(format!(
-            "queue_size must be a power of two, not {}",
-            disk.queue_size
-        ))
-        .into());
-    }
-    Ok(BlockConfig {
+fn block_config(disk: &ValidDisk) -> BlockConfig {
+    BlockConfig {
         path: disk.path.clone(),
         readonly: disk.readonly,
         direct: disk.direct,
-        num_queues,
+        num_queues: disk.num_queues,
         queue_size: disk.queue_size,
-        id: disk.id.clone().unwrap_or_else(|| format!("disk{index}")),
+        id: disk.id.clone(),
         engine: disk.disable_io_uring.then_some(EngineKind::Sync),
-    })
+    }
 }
 
-fn net_config(net: &NetConfig, index: usize) -> Result<NetDeviceConfig> {
-    let id = net.id.clone().unwrap_or_else(|| format!("net{index}"));
-    let bad = |what: String| DeviceError::NetOption {
-        id: id.clone(),
-        what,
-    };
-    // With TAP fds, the fds say how many queue pairs there are (num_queues may be left out).
-    let num_queues = match net.fds.len() {
-        n if n > 0 && net.num_queues == 2 => 2 * n as u32,
-        _ => net.num_queues,
-    };
-    let max = 2 * u32::from(MAX_QUEUE_PAIRS);
-    if num_queues % 2 != 0 || !(2..=max).contains(&num_queues) {
-        return Err(bad(format!(
-            "num_queues must be an even number from 2 to {max}, not {num_queues}"
-        ))
-        .into());
-    }
-    let mac = net
-        .mac
-        .as_deref()
-        .map(api::parse_mac)
-        .transpose()
-        .map_err(|e| bad(format!("mac: {e}")))?;
-    let host_addr = match (net.ip, net.mask) {
-        (Some(ip), mask) => Some((
-            ip,
-            mask.unwrap_or(std::net::Ipv4Addr::new(255, 255, 255, 0)),
-        )),
-        (None, Some(_)) => return Err(bad("mask given without ip".into()).into()),
-        (None, None) => None,
-    };
+fn net_config(net: &ValidNet) -> Result<NetDeviceConfig> {
+    // `api::Ipv4Cidr` refused host bits and long prefixes when it was parsed; its fields are
+    // public, so the filter's own type is still made through its check.
     let deny = net
         .deny
         .iter()
-        .map(|c| Ipv4Net::new(c.addr, c.prefix).map_err(|e| bad(format!("deny: {e}"))))
+        .map(|c| {
+            Ipv4Net::new(c.addr, c.prefix).map_err(|source| DeviceError::Deny {
+                id: net.id.clone(),
+                source,
+            })
+        })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     let host = if net.fds.is_empty() {
         HostEnd::Name(net.tap.clone())
@@ -328,24 +283,22 @@ fn net_config(net: &NetConfig, index: usize) -> Result<NetDeviceConfig> {
         HostEnd::Fds(net.fds.clone())
     };
     Ok(NetDeviceConfig {
-        id,
+        id: net.id.clone(),
         host,
-        mac,
-        host_addr,
-        queue_pairs: (num_queues / 2) as u16,
+        mac: net.mac,
+        host_addr: net.host_addr,
+        queue_pairs: net.queue_pairs,
         queue_size: net.queue_size,
         deny,
     })
 }
 
-/// The device's view of a share: ids default to `fs0`, `fs1`... as `vm.add-fs` answered.
-fn fs_config(fs: &FsConfig, index: usize) -> devices::virtio::fs::FsConfig {
+fn fs_config(fs: &ValidFs) -> devices::virtio::fs::FsConfig {
     devices::virtio::fs::FsConfig {
-        id: fs.id.clone().unwrap_or_else(|| format!("fs{index}")),
+        id: fs.id.clone(),
         tag: fs.tag.clone(),
         socket: fs.socket.clone(),
-        // Checked by VmConfig::validate (1 to 64); the device checks again.
-        request_queues: u16::try_from(fs.num_queues).unwrap_or(0),
+        request_queues: fs.request_queues,
         queue_size: fs.queue_size,
     }
 }

@@ -106,6 +106,7 @@ impl BootInputs {
 
 /// Builds the VM described by `config` and runs it to completion.
 pub fn run(config: &VmConfig, hypervisor: Selection) -> Result<ExitReason> {
+    // Vm::new validates too; first here, so a mistake is reported before the files are opened.
     config.validate()?;
     let inputs = BootInputs::open(config)?;
     let vm = Vm::new(config, hypervisor, &inputs)?;

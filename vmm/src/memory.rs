@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use validated::MemorySize;
+
 use crate::{Error, Result};
 
 /// Total RAM of the host, from /proc/meminfo.
@@ -60,24 +62,25 @@ impl Backing {
     }
 }
 
-/// Checks the size, then maps guest RAM. Private and shared memory are populated only as the
-/// guest touches pages; hugepages are reserved up front.
-pub fn create(size: u64, backing: Backing) -> Result<Arc<GuestMemoryMmap>> {
-    if size < boot::layout::MIN_MEMORY {
-        return Err(Error::Limit(format!(
-            "memory size {size} bytes is below the minimum of {} MiB",
-            boot::layout::MIN_MEMORY >> 20
-        )));
+/// Refuses more memory than the host has (the one check of the size that needs the host;
+/// the rest is `validated::MemorySize`'s).
+pub fn check_host_has(size: MemorySize) -> Result<()> {
+    let size = size.get();
+    match host_memory_bytes() {
+        Some(host) if size > host => Err(Error::Limit(format!(
+            "memory size {} MiB is more than the host has ({} MiB)",
+            size >> 20,
+            host >> 20
+        ))),
+        _ => Ok(()),
     }
-    if let Some(host) = host_memory_bytes() {
-        if size > host {
-            return Err(Error::Limit(format!(
-                "memory size {} MiB is more than the host has ({} MiB)",
-                size >> 20,
-                host >> 20
-            )));
-        }
-    }
+}
+
+/// Checks the host has the memory, then maps guest RAM. Private and shared memory are
+/// populated only as the guest touches pages; hugepages are reserved up front.
+pub fn create(size: MemorySize, backing: Backing) -> Result<Arc<GuestMemoryMmap>> {
+    check_host_has(size)?;
+    let size = size.get();
     let ranges = boot::layout::ram_regions(size);
     let mem = match backing {
         Backing::Private => GuestMemoryMmap::from_ranges(&ranges)
@@ -244,6 +247,11 @@ pub fn map_into(vm: &dyn hypervisor::Vm, mem: &GuestMemoryMmap) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A size the tests know to be valid.
+    fn size(bytes: u64) -> MemorySize {
+        MemorySize::new(bytes).unwrap()
+    }
+
     #[test]
     fn parses_meminfo() {
         let info = "MemTotal:       24576000 kB\nMemFree:  1 kB\n";
@@ -254,9 +262,12 @@ mod tests {
 
     #[test]
     fn sizes_outside_limits_are_refused() {
-        let err = create(1 << 20, Backing::Private).unwrap_err().to_string();
-        assert!(err.contains("minimum"), "{err}");
-        let err = create(1 << 50, Backing::Shared).unwrap_err().to_string();
+        // The smallest size is `validated::MemorySize`'s, which must agree with the layout.
+        assert_eq!(validated::MIN_MEMORY, boot::layout::MIN_MEMORY);
+        assert!(MemorySize::new(1 << 20).is_err());
+        let err = create(size(1 << 50), Backing::Shared)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("more than the host has"), "{err}");
     }
 
@@ -268,7 +279,7 @@ mod tests {
 
     #[test]
     fn guest_memory_stays_out_of_core_dumps() {
-        let mem = create(64 << 20, Backing::Private).unwrap();
+        let mem = create(size(64 << 20), Backing::Private).unwrap();
         let region = mem.iter().next().unwrap();
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -289,7 +300,7 @@ mod tests {
     fn large_guests_are_not_populated() {
         // 8 GiB of guest memory must not cost 8 GiB of host memory up front.
         let before = rss_kib();
-        let mem = create(8 << 30, Backing::Private).unwrap();
+        let mem = create(size(8 << 30), Backing::Private).unwrap();
         assert_eq!(mem.num_regions(), 2);
         let grown = rss_kib().saturating_sub(before);
         assert!(grown < 64 * 1024, "RSS grew by {grown} KiB");
@@ -300,7 +311,7 @@ mod tests {
         use std::os::unix::fs::{FileExt, MetadataExt};
         use vm_memory::{Bytes, GuestAddress};
         let before = rss_kib();
-        let mem = create(8 << 30, Backing::Shared).unwrap();
+        let mem = create(size(8 << 30), Backing::Shared).unwrap();
         assert!(
             rss_kib().saturating_sub(before) < 64 * 1024,
             "populated up front"
@@ -364,18 +375,18 @@ mod tests {
         // More than the pool has free: refused before anything is mapped, saying how many.
         let free = meminfo_field("HugePages_Free:");
         let want = (free + 64) * page;
-        let err = create(want, hugepages).unwrap_err().to_string();
+        let err = create(size(want), hugepages).unwrap_err().to_string();
         assert!(
             err.contains(&format!("needs {} free 2048 KiB hugepages", free + 64)),
             "{err}"
         );
-        let err = create(65 << 20, hugepages).unwrap_err().to_string();
+        let err = create(size(65 << 20), hugepages).unwrap_err().to_string();
         assert!(err.contains("not a multiple of the hugepage size"), "{err}");
         // With the pages in the pool: reserved at once (no SIGBUS later), a descriptor a
         // vhost-user back-end can map, and what the guest writes is there.
         let _pool = HugepagePool::grow_by(64);
         let reserved_before = meminfo_field("HugePages_Rsvd:");
-        let mem = create(128 << 20, hugepages).unwrap();
+        let mem = create(size(128 << 20), hugepages).unwrap();
         assert_eq!(meminfo_field("HugePages_Rsvd:") - reserved_before, 64);
         let region = mem.iter().next().unwrap();
         assert!(region.file_offset().is_some());

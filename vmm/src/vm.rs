@@ -184,7 +184,7 @@ impl Vm {
         selection: Selection,
         inputs: &crate::BootInputs,
     ) -> Result<Self> {
-        config.validate()?;
+        let valid = config.validated()?;
         let hv = hypervisor::new(selection)?;
         let num_cpus = config.cpus.boot_vcpus;
         let max = hv.max_vcpus().min(boot::mptable::MAX_CPUS);
@@ -194,7 +194,7 @@ impl Vm {
                 hv.kind()
             )));
         }
-        let mem = memory::create(config.memory.size, memory::Backing::of(&config.memory)?)?;
+        let mem = memory::create(valid.memory, memory::Backing::of(&config.memory)?)?;
         let vm = hv.create_vm()?;
         memory::map_into(vm.as_ref(), &mem)?;
         vm.create_interrupt_controllers()?;
@@ -236,7 +236,7 @@ impl Vm {
             i8042::I8042_LEN,
         )?;
         let mmio = Bus::new();
-        let devices = DeviceManager::new(vm.as_ref(), &mem, &mmio, config)?;
+        let devices = DeviceManager::new(vm.as_ref(), &mem, &mmio, config, &valid)?;
         let io = Arc::new(IoHandler {
             pio,
             mmio,

@@ -19,7 +19,10 @@ use api::messages::{
     PciDeviceInfo, PingInfo, VmInfo, VmResize, VmState, VmmMailbox,
 };
 use api::pod::{self, Sizing};
-use api::{DiskConfig, FsConfig, ImageType, NetConfig, VmConfig, VsockConfig};
+use api::{
+    DiskConfig, FsConfig, ImageType, NetConfig, ValidDisk, ValidFs, ValidationError, VmConfig,
+    VsockConfig,
+};
 use devices::virtio::block::image::{self, ImageFormat};
 use devices::virtio::DeviceCounters;
 use hypervisor::Selection;
@@ -380,8 +383,9 @@ impl Vmm {
 
     fn add_disk(&mut self, add: AddDevice<DiskConfig>) -> Result<PciDeviceInfo, ApiError> {
         let record = self.cold_record("a disk")?;
-        check_disk(&add.config)?;
-        check_unique_id(&record.config, add.config.id.as_deref())?;
+        let index = record.config.disks.as_ref().map_or(0, Vec::len);
+        check_disk(&add.config.validate(index)?)?;
+        record.config.check_new_id(add.config.id.as_deref())?;
         let disks = record.config.disks.get_or_insert_with(Vec::new);
         disks.push(add.config);
         record.ignored.extend(add.ignored);
@@ -422,12 +426,10 @@ impl Vmm {
             fds,
             ignored,
         } = add;
-        check_net(&config)?;
-        check_unique_id(&record.config, config.id.as_deref())?;
-        for fd in &fds {
-            check_tap(fd)?;
-        }
+        check_tap(&fds)?;
         config.fds = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        config.validate(record.config.net.as_ref().map_or(0, Vec::len))?;
+        record.config.check_new_id(config.id.as_deref())?;
         record.config.net.get_or_insert_with(Vec::new).push(config);
         record.net_fds.push(fds);
         record.ignored.extend(ignored);
@@ -439,8 +441,8 @@ impl Vmm {
         if record.config.vsock.is_some() {
             return Err(conflict("the VM already has a vsock device"));
         }
-        check_vsock(&add.config)?;
-        check_unique_id(&record.config, add.config.id.as_deref())?;
+        add.config.validate()?;
+        record.config.check_new_id(add.config.id.as_deref())?;
         record.config.vsock = Some(add.config);
         record.ignored.extend(add.ignored);
         Ok(device_info(&record.config, DeviceKind::Vsock))
@@ -448,23 +450,14 @@ impl Vmm {
 
     fn add_fs(&mut self, add: AddDevice<FsConfig>) -> Result<PciDeviceInfo, ApiError> {
         let record = self.cold_record("a virtio-fs device")?;
-        check_unique_id(&record.config, add.config.id.as_deref())?;
-        if record
-            .config
-            .fs
-            .iter()
-            .flatten()
-            .any(|f| f.tag == add.config.tag)
-        {
-            return Err(conflict(format!(
-                "fs tag {} is already in use",
-                add.config.tag
-            )));
+        record.config.check_new_id(add.config.id.as_deref())?;
+        let tag = &add.config.tag;
+        if record.config.fs.iter().flatten().any(|f| &f.tag == tag) {
+            return Err(ValidationError::TagInUse(tag.clone()).into());
         }
         let mut config = record.config.clone();
         config.fs.get_or_insert_with(Vec::new).push(add.config);
-        config.validate().map_err(|e| bad(e.to_string()))?;
-        for fs in config.fs.iter().flatten() {
+        for fs in &config.validated()?.fs {
             check_fs(fs)?;
         }
         record.config = config;
@@ -535,10 +528,9 @@ fn boot_error(e: Error) -> ApiError {
         | Error::Input(_)
         | Error::CmdlineTooLong { .. }
         | Error::SerialFile { .. } => ApiError::BadRequest(msg),
-        Error::Device(
-            DeviceError::Block(_) | DeviceError::DiskOption { .. } | DeviceError::Fs(_),
-        )
-        | Error::Device(DeviceError::TooMany(_)) => ApiError::BadRequest(msg),
+        Error::Device(DeviceError::Block(_) | DeviceError::Fs(_) | DeviceError::TooMany(_)) => {
+            ApiError::BadRequest(msg)
+        }
         _ => ApiError::Internal(msg),
     }
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use validated::{DiskQueues, QueueSize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -64,18 +65,17 @@ pub enum BlockError {
     Empty(PathBuf, u64),
     #[error("disk {0}: {1}")]
     Locked(PathBuf, String),
-    #[error("disk {path}: num_queues must be 1 to {max}, not {got}")]
-    Queues { path: PathBuf, got: u32, max: u32 },
 }
 
-/// What the VMM asks for (mirrors `api::DiskConfig`, kept free of serde here).
+/// What the VMM asks for (`api::ValidDisk`, kept free of serde here); the numbers were
+/// checked when the configuration arrived.
 #[derive(Clone, Debug)]
 pub struct BlockConfig {
     pub path: PathBuf,
     pub readonly: bool,
     pub direct: bool,
-    pub num_queues: u16,
-    pub queue_size: u16,
+    pub num_queues: DiskQueues,
+    pub queue_size: QueueSize,
     pub id: String,
     /// Force an engine; None picks io_uring when available.
     pub engine: Option<EngineKind>,
@@ -198,13 +198,6 @@ pub fn disk_size(file: &File) -> std::io::Result<u64> {
 
 impl Block {
     pub fn new(cfg: BlockConfig) -> Result<Self, BlockError> {
-        if cfg.num_queues == 0 || cfg.num_queues > 64 {
-            return Err(BlockError::Queues {
-                path: cfg.path.clone(),
-                got: u32::from(cfg.num_queues),
-                max: 64,
-            });
-        }
         let (file, size) = open_disk(&cfg)?;
         let engine = cfg.engine.unwrap_or_else(EngineKind::detect);
         Ok(Block {
@@ -246,7 +239,7 @@ impl Block {
         c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
         c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-        c[34..36].copy_from_slice(&self.cfg.num_queues.to_le_bytes());
+        c[34..36].copy_from_slice(&self.cfg.num_queues.get().to_le_bytes());
         // Discard and write-zeroes limits (sectors) and segment counts.
         let max = (u32::MAX >> SECTOR_SHIFT).to_le_bytes();
         c[36..40].copy_from_slice(&max); // max_discard_sectors
@@ -278,7 +271,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.cfg.queue_size; usize::from(self.cfg.num_queues)]
+        vec![self.cfg.queue_size.get(); usize::from(self.cfg.num_queues.get())]
     }
 
     fn features(&self) -> u64 {
@@ -293,7 +286,7 @@ impl VirtioDevice for Block {
         } else {
             f |= F_DISCARD | F_WRITE_ZEROES;
         }
-        if self.cfg.num_queues > 1 {
+        if self.cfg.num_queues.get() > 1 {
             f |= F_MQ;
         }
         f

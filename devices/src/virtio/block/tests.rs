@@ -321,8 +321,8 @@ fn block(path: &Path, readonly: bool, kind: EngineKind) -> Block {
         path: path.to_owned(),
         readonly,
         direct: false,
-        num_queues: 1,
-        queue_size: QSIZE,
+        num_queues: validated::DiskQueues::new(1).unwrap(),
+        queue_size: validated::QueueSize::new(QSIZE.into()).unwrap(),
         id: "test-disk-id".into(),
         engine: Some(kind),
     })
@@ -1495,8 +1495,8 @@ mod transport {
             path: path.to_owned(),
             readonly: false,
             direct: false,
-            num_queues,
-            queue_size: QSIZE,
+            num_queues: validated::DiskQueues::new(num_queues.into()).unwrap(),
+            queue_size: validated::QueueSize::new(QSIZE.into()).unwrap(),
             id: "t".into(),
             engine,
         })

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use validated::{FsQueues, FsTag, QueueSize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -32,11 +33,7 @@ use super::{
 use frontend::{Connection, FrontendError};
 
 /// Bytes of the tag in the configuration space (`struct virtio_fs_config`).
-pub const TAG_LEN: usize = 36;
-/// Most request queues podvmm asks a back-end for.
-pub const MAX_REQUEST_QUEUES: u16 = 64;
-/// The largest queue the transport allows.
-pub const MAX_QUEUE_SIZE: u16 = 32768;
+pub const TAG_LEN: usize = validated::FS_TAG_MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -46,48 +43,18 @@ pub enum FsError {
         #[source]
         source: FrontendError,
     },
-    #[error("fs {id}: {what}")]
-    Config { id: String, what: String },
 }
 
-/// What the device is, once its configuration was checked.
+/// What the device is (`api::ValidFs`): the tag and the numbers were checked when the
+/// configuration arrived.
 #[derive(Clone, Debug)]
 pub struct FsConfig {
     pub id: String,
-    /// The name the guest mounts (`mount -t virtiofs TAG /mnt`): 1 to 36 bytes.
-    pub tag: String,
+    /// The name the guest mounts (`mount -t virtiofs TAG /mnt`).
+    pub tag: FsTag,
     pub socket: PathBuf,
-    pub request_queues: u16,
-    pub queue_size: u16,
-}
-
-impl FsConfig {
-    /// Checks what the device needs of the numbers and the tag.
-    pub fn check(&self) -> Result<(), String> {
-        if self.tag.is_empty() || self.tag.len() > TAG_LEN {
-            return Err(format!(
-                "tag {:?} is {} bytes; it must be 1 to {TAG_LEN}",
-                self.tag,
-                self.tag.len()
-            ));
-        }
-        if self.tag.contains('\0') {
-            return Err(format!("tag {:?} contains a NUL byte", self.tag));
-        }
-        if !(1..=MAX_REQUEST_QUEUES).contains(&self.request_queues) {
-            return Err(format!(
-                "num_queues must be 1 to {MAX_REQUEST_QUEUES}, not {}",
-                self.request_queues
-            ));
-        }
-        if !self.queue_size.is_power_of_two() || self.queue_size > MAX_QUEUE_SIZE {
-            return Err(format!(
-                "queue_size must be a power of two up to {MAX_QUEUE_SIZE}, not {}",
-                self.queue_size
-            ));
-        }
-        Ok(())
-    }
+    pub request_queues: FsQueues,
+    pub queue_size: QueueSize,
 }
 
 /// What the device did, for `vm.counters`.
@@ -125,11 +92,7 @@ pub struct Fs {
 impl Fs {
     /// Connects to the back-end and negotiates with it.
     pub fn new(config: FsConfig) -> Result<Self, FsError> {
-        config.check().map_err(|what| FsError::Config {
-            id: config.id.clone(),
-            what,
-        })?;
-        let queues = 1 + usize::from(config.request_queues);
+        let queues = 1 + usize::from(config.request_queues.get());
         let conn =
             Connection::connect(&config.socket, queues).map_err(|source| FsError::Backend {
                 id: config.id.clone(),
@@ -171,7 +134,7 @@ impl VirtioDevice for Fs {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.config.queue_size; 1 + usize::from(self.config.request_queues)]
+        vec![self.config.queue_size.get(); 1 + usize::from(self.config.request_queues.get())]
     }
 
     fn features(&self) -> u64 {
@@ -182,8 +145,10 @@ impl VirtioDevice for Fs {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; TAG_LEN + 4];
-        config[..self.config.tag.len()].copy_from_slice(self.config.tag.as_bytes());
-        config[TAG_LEN..].copy_from_slice(&u32::from(self.config.request_queues).to_le_bytes());
+        let tag = self.config.tag.as_str().as_bytes();
+        config[..tag.len()].copy_from_slice(tag);
+        let queues = u32::from(self.config.request_queues.get());
+        config[TAG_LEN..].copy_from_slice(&queues.to_le_bytes());
         super::read_config_bytes(&config, offset, data);
     }
 
@@ -191,7 +156,7 @@ impl VirtioDevice for Fs {
         self.stop_worker();
         let io_err = |what| move |source| ActivateError::Io { what, source };
         // The back-end is told each vring by its index: the driver must set up all of them.
-        let wanted = 1 + usize::from(self.config.request_queues);
+        let wanted = 1 + usize::from(self.config.request_queues.get());
         if ctx.queues.len() != wanted {
             return Err(ActivateError::BadQueue(ctx.queues.len()));
         }

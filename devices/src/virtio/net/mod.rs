@@ -19,6 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use validated::{MacAddr, NetQueuePairs, NetQueueSize, Netmask};
 use virtio_bindings::bindings::virtio_net as vn;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -54,7 +55,7 @@ pub const F_CTRL_VQ: u64 = bit(vn::VIRTIO_NET_F_CTRL_VQ);
 pub const F_MQ: u64 = bit(vn::VIRTIO_NET_F_MQ);
 
 /// Most queue pairs per interface.
-pub const MAX_QUEUE_PAIRS: u16 = 16;
+pub const MAX_QUEUE_PAIRS: u16 = validated::MAX_NET_QUEUE_PAIRS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -64,18 +65,10 @@ pub enum NetError {
         #[source]
         source: TapError,
     },
-    #[error("net {id}: {pairs} queue pairs asked for; 1 to {MAX_QUEUE_PAIRS} are supported")]
-    Pairs { id: String, pairs: u16 },
-    #[error("net {id}: queue_size must be a power of two from 2 to 32768, not {size}")]
-    QueueSize { id: String, size: u16 },
     #[error("net {id}: {fds} TAP fds were received, but {pairs} queue pairs are configured (num_queues = 2 x fds)")]
     FdCount { id: String, fds: usize, pairs: u16 },
     #[error("net {id}: {got} host ends given for {pairs} queue pairs")]
     Backends { id: String, got: usize, pairs: u16 },
-    #[error("net {id}: mask {mask} is not a netmask (ones then zeroes)")]
-    Mask { id: String, mask: Ipv4Addr },
-    #[error("net {id}: MAC {mac} is not a unicast address")]
-    Mac { id: String, mac: String },
     #[error("net {id}: cannot make a random MAC address: {source}")]
     Random {
         id: String,
@@ -93,17 +86,18 @@ pub enum HostEnd {
     Fds(Vec<RawFd>),
 }
 
-/// What the VMM asks for (mirrors `api::NetConfig`, kept free of serde here).
+/// What the VMM asks for (`api::ValidNet`, kept free of serde here): the numbers, the MAC and
+/// the netmask were checked when the configuration arrived.
 #[derive(Clone, Debug)]
 pub struct NetDeviceConfig {
     pub id: String,
     pub host: HostEnd,
     /// The guest's MAC; a random locally administered one when `None`.
-    pub mac: Option<[u8; 6]>,
+    pub mac: Option<MacAddr>,
     /// Address and netmask for the host side of the TAP, which is then brought up.
-    pub host_addr: Option<(Ipv4Addr, Ipv4Addr)>,
-    pub queue_pairs: u16,
-    pub queue_size: u16,
+    pub host_addr: Option<(Ipv4Addr, Netmask)>,
+    pub queue_pairs: NetQueuePairs,
+    pub queue_size: NetQueueSize,
     /// Egress deny list.
     pub deny: Vec<Ipv4Net>,
 }
@@ -171,22 +165,20 @@ impl Net {
     /// builds the device. On error nothing is left behind: a TAP created here vanishes
     /// with its descriptors, and a half-set address is removed.
     pub fn new(cfg: NetDeviceConfig) -> Result<Self, NetError> {
-        check(&cfg)?;
         let id = cfg.id.clone();
+        let pairs = cfg.queue_pairs.get();
         let tap_err = |source| NetError::Tap {
             id: id.clone(),
             source,
         };
         let taps = match &cfg.host {
-            HostEnd::Name(name) => {
-                Tap::open_named(name.as_deref().unwrap_or("podvmm%d"), cfg.queue_pairs)
-            }
+            HostEnd::Name(name) => Tap::open_named(name.as_deref().unwrap_or("podvmm%d"), pairs),
             HostEnd::Fds(fds) => {
-                if fds.len() != usize::from(cfg.queue_pairs) {
+                if fds.len() != usize::from(pairs) {
                     return Err(NetError::FdCount {
                         id,
                         fds: fds.len(),
-                        pairs: cfg.queue_pairs,
+                        pairs,
                     });
                 }
                 Tap::from_fds(fds)
@@ -204,7 +196,7 @@ impl Net {
             })?;
         }
         if let (Some((ip, mask)), Some(first)) = (cfg.host_addr, taps.first()) {
-            first.configure_host(ip, mask).map_err(tap_err)?;
+            first.configure_host(ip, mask.addr()).map_err(tap_err)?;
         }
         let tap_name = taps.first().map(|t| t.name().to_string());
         let backends = taps
@@ -221,23 +213,23 @@ impl Net {
         cfg: NetDeviceConfig,
         backends: Vec<Arc<dyn NetBackend>>,
     ) -> Result<Self, NetError> {
-        check(&cfg)?;
-        if backends.len() != usize::from(cfg.queue_pairs) {
+        let pairs = cfg.queue_pairs.get();
+        if backends.len() != usize::from(pairs) {
             return Err(NetError::Backends {
                 id: cfg.id,
                 got: backends.len(),
-                pairs: cfg.queue_pairs,
+                pairs,
             });
         }
         let mac = match cfg.mac {
-            Some(mac) => mac,
+            Some(mac) => mac.bytes(),
             None => random_mac(&cfg.id)?,
         };
         Ok(Net {
             id: cfg.id,
             mac,
-            queue_pairs: cfg.queue_pairs,
-            queue_size: cfg.queue_size,
+            queue_pairs: pairs,
+            queue_size: cfg.queue_size.get(),
             backends,
             tap_name: None,
             counters: Arc::default(),
@@ -363,38 +355,6 @@ impl Net {
         }
         Ok(())
     }
-}
-
-fn check(cfg: &NetDeviceConfig) -> Result<(), NetError> {
-    let id = || cfg.id.clone();
-    if cfg.queue_pairs == 0 || cfg.queue_pairs > MAX_QUEUE_PAIRS {
-        return Err(NetError::Pairs {
-            id: id(),
-            pairs: cfg.queue_pairs,
-        });
-    }
-    if cfg.queue_size < 2 || !cfg.queue_size.is_power_of_two() {
-        return Err(NetError::QueueSize {
-            id: id(),
-            size: cfg.queue_size,
-        });
-    }
-    if let Some(mac) = cfg.mac {
-        if mac[0] & 1 != 0 || mac == [0; 6] {
-            return Err(NetError::Mac {
-                id: id(),
-                mac: format_mac(&mac),
-            });
-        }
-    }
-    if let Some((_, mask)) = cfg.host_addr {
-        let m = u32::from(mask);
-        // Ones then zeroes: the inverted mask plus one is a power of two (or zero for /0).
-        if (!m).wrapping_add(1) & !m != 0 {
-            return Err(NetError::Mask { id: id(), mask });
-        }
-    }
-    Ok(())
 }
 
 impl Drop for Net {

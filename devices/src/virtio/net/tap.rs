@@ -155,6 +155,42 @@ fn name_of(req: &libc::ifreq) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// What the device needs of TAP descriptors a client hands over (the VMM checks them with
+/// this when they arrive, `vm.add-net`, and the device when it takes them): each a TAP, not a
+/// TUN, opened with IFF_NO_PI and IFF_VNET_HDR, multi-queue when there are several, all of one
+/// interface. Returns each one's interface name and whether it is multi-queue.
+pub fn check_fds(fds: &[RawFd]) -> Result<Vec<(String, bool)>, TapError> {
+    let mut checked: Vec<(String, bool)> = Vec::with_capacity(fds.len());
+    for &fd in fds {
+        let (name, flags) = tun_get_iff(fd)?;
+        let wrong = |what| TapError::WrongFlags {
+            fd,
+            name: name.clone(),
+            what,
+        };
+        if flags & libc::IFF_TAP == 0 {
+            return Err(wrong("it is a TUN (layer 3) device, not a TAP"));
+        }
+        if flags & libc::IFF_NO_PI == 0 {
+            return Err(wrong("it was opened without IFF_NO_PI"));
+        }
+        if flags & libc::IFF_VNET_HDR == 0 {
+            return Err(wrong("it was opened without IFF_VNET_HDR"));
+        }
+        let multi_queue = flags & libc::IFF_MULTI_QUEUE != 0;
+        if fds.len() > 1 && !multi_queue {
+            return Err(wrong("several fds given but the TAP is not multi-queue"));
+        }
+        if let Some((first, _)) = checked.first() {
+            if *first != name {
+                return Err(TapError::MixedInterfaces(first.clone(), name));
+            }
+        }
+        checked.push((name, multi_queue));
+    }
+    Ok(checked)
+}
+
 /// Checks a name the kernel would accept for an interface (`dev_valid_name`); `%d` asks the
 /// kernel to pick a free number.
 pub fn check_name(name: &str) -> Result<(), TapError> {
@@ -318,35 +354,12 @@ impl Tap {
         Ok(tap)
     }
 
-    /// Uses TAP descriptors handed over by a client (SCM_RIGHTS). Each is duplicated: the
-    /// caller keeps, and closes, its own.
+    /// Uses TAP descriptors handed over by a client (SCM_RIGHTS), checked by [`check_fds`].
+    /// Each is duplicated: the caller keeps, and closes, its own.
     pub fn from_fds(fds: &[RawFd]) -> Result<Vec<Tap>, TapError> {
+        let checked = check_fds(fds)?;
         let mut taps: Vec<Tap> = Vec::with_capacity(fds.len());
-        for &fd in fds {
-            let (name, flags) = tun_get_iff(fd)?;
-            let wrong = |what| TapError::WrongFlags {
-                fd,
-                name: name.clone(),
-                what,
-            };
-            if flags & libc::IFF_TAP == 0 {
-                return Err(wrong("it is a TUN (layer 3) device, not a TAP"));
-            }
-            if flags & libc::IFF_NO_PI == 0 {
-                return Err(wrong("it was opened without IFF_NO_PI"));
-            }
-            if flags & libc::IFF_VNET_HDR == 0 {
-                return Err(wrong("it was opened without IFF_VNET_HDR"));
-            }
-            let multi_queue = flags & libc::IFF_MULTI_QUEUE != 0;
-            if fds.len() > 1 && !multi_queue {
-                return Err(wrong("several fds given but the TAP is not multi-queue"));
-            }
-            if let Some(first) = taps.first() {
-                if first.name != name {
-                    return Err(TapError::MixedInterfaces(first.name.clone(), name));
-                }
-            }
+        for (&fd, (name, multi_queue)) in fds.iter().zip(checked) {
             // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor the caller vouches for; the
             // result is checked before use.
             let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };

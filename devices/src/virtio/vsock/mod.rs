@@ -31,6 +31,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use validated::GuestCid;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::hybrid::{HybridError, SocketId};
@@ -52,8 +53,6 @@ pub const QUEUE_SIZE: u16 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    #[error("vsock cid {0}: context ids 0-2 and 4294967295 are reserved")]
-    Cid(u64),
     #[error(transparent)]
     Socket(#[from] HybridError),
     #[error("vsock: {what}: {source}")]
@@ -116,10 +115,11 @@ impl Default for VsockOptions {
     }
 }
 
-/// What the VMM asks for (mirrors `api::VsockConfig`).
+/// What the VMM asks for (`api::ValidVsock`): the context id was checked when the
+/// configuration arrived.
 #[derive(Clone)]
 pub struct VsockConfig {
-    pub cid: u64,
+    pub cid: GuestCid,
     pub socket: PathBuf,
     pub options: VsockOptions,
     pub events: Option<EventSink>,
@@ -205,9 +205,6 @@ impl Vsock {
     /// Binds the socket (so it exists before the guest runs) and starts the worker, which
     /// accepts host clients at once; their CONNECTs wait until the guest driver is up.
     pub fn new(cfg: VsockConfig) -> Result<(Self, VsockHandle), VsockError> {
-        if cfg.cid < 3 || cfg.cid >= u64::from(u32::MAX) {
-            return Err(VsockError::Cid(cfg.cid));
-        }
         let (listener, id) = hybrid::bind_listener(&cfg.socket)?;
         let shared = Arc::new(Shared {
             counters: VsockCounters::default(),
@@ -223,7 +220,7 @@ impl Vsock {
         let wake = EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?;
         let (ctl, ctl_rx) = mpsc::channel();
         let muxer = Muxer::new(
-            cfg.cid,
+            cfg.cid.get(),
             cfg.socket.clone(),
             listener,
             cfg.options,
@@ -245,7 +242,7 @@ impl Vsock {
         .map_err(io("spawning the device thread"))?;
         Ok((
             Vsock {
-                cid: cfg.cid,
+                cid: cfg.cid.get(),
                 ctl,
                 wake,
                 worker: Some(worker),

@@ -154,7 +154,7 @@ impl Guest {
         let events: Arc<Mutex<Vec<VsockEvent>>> = Arc::default();
         let sink = events.clone();
         let (dev, handle) = Vsock::new(VsockConfig {
-            cid: CID,
+            cid: validated::GuestCid::new(CID).unwrap(),
             socket: socket.clone(),
             options,
             events: Some(Arc::new(move |e| sink.lock().unwrap().push(e))),
@@ -427,16 +427,10 @@ fn config_space_and_identity() {
     assert_eq!(u64::from_le_bytes(cid), CID);
     // The socket exists as soon as the device does, before any guest runs.
     assert!(g.socket.exists());
-    let bad = Vsock::new(VsockConfig {
-        cid: 2,
-        socket: g.dir.join("other.sock"),
-        options: VsockOptions::default(),
-        events: None,
-    });
-    assert!(matches!(bad, Err(VsockError::Cid(2))));
+    // A reserved cid cannot reach the device: `validated::GuestCid` refuses to make one.
     // A live device's socket is never taken over.
     let busy = Vsock::new(VsockConfig {
-        cid: 4,
+        cid: validated::GuestCid::new(4).unwrap(),
         socket: g.socket.clone(),
         options: VsockOptions::default(),
         events: None,
@@ -452,7 +446,7 @@ fn socket_removed_with_handle() {
     let dir = scratch("cleanup");
     let socket = dir.join("v.sock");
     let (dev, handle) = Vsock::new(VsockConfig {
-        cid: CID,
+        cid: validated::GuestCid::new(CID).unwrap(),
         socket: socket.clone(),
         options: fast_options(),
         events: None,
