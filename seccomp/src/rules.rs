@@ -227,12 +227,13 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
                 libc::SYS_ftruncate,
                 // Naming who holds a locked disk image: /proc/<pid>/fd listed.
                 libc::SYS_getdents64,
-                // Event loop and device plumbing.
+                // Event loop and device plumbing (vsock's timer is made with its device).
                 libc::SYS_poll,
                 libc::SYS_epoll_create1,
                 libc::SYS_epoll_ctl,
                 libc::SYS_epoll_wait,
                 libc::SYS_eventfd2,
+                libc::SYS_timerfd_create,
                 // Probing for io_uring with opcode restrictions (a disk's rings are made
                 // the same way, by the spawner).
                 libc::SYS_io_uring_setup,
@@ -319,6 +320,8 @@ pub(crate) fn rules(kind: ThreadKind, backend: Backend) -> Result<Rules, Backend
                 libc::SYS_epoll_create1,
                 libc::SYS_epoll_ctl,
                 libc::SYS_epoll_wait,
+                // Its timer, armed for the nearest deadline after each pass.
+                libc::SYS_timerfd_settime,
             ]);
             b.allow_arg(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
             b.ioctls(&[libc::FIONBIO])?;

@@ -5,10 +5,11 @@
 //! and one line on stderr says which device and why. The VM and the other devices go on.
 //!
 //! A worker's body is an event-manager loop ([`event_loop`]) over a [`DeviceLoop`]: rng,
-//! virtio-fs and net; block waits in its io_uring, vsock in a loop of its own (with timers).
+//! virtio-fs, net and vsock (its deadlines on a timerfd among its events); block waits in its
+//! io_uring.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use super::Interrupt;
@@ -45,12 +46,42 @@ pub fn event_loop<D: DeviceLoop>(device: D) -> Result<(), Failure> {
     }
 }
 
+/// Whom a failed worker asks for a reset.
+#[derive(Clone)]
+pub enum ResetLine {
+    /// The interrupt of the activation the worker serves.
+    Fixed(Arc<Interrupt>),
+    /// For a worker that outlives activations (vsock's, which owns its socket from the VM's
+    /// creation on): the interrupt of the activation current when it fails, if any.
+    Current(Arc<Mutex<Option<Arc<Interrupt>>>>),
+}
+
+impl ResetLine {
+    fn signal_needs_reset(&self) {
+        match self {
+            ResetLine::Fixed(interrupt) => interrupt.signal_needs_reset(),
+            ResetLine::Current(slot) => {
+                let current = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(interrupt) = current.as_ref() {
+                    interrupt.signal_needs_reset();
+                }
+            }
+        }
+    }
+}
+
+impl From<Arc<Interrupt>> for ResetLine {
+    fn from(interrupt: Arc<Interrupt>) -> Self {
+        ResetLine::Fixed(interrupt)
+    }
+}
+
 /// Starts `f` on a thread `name` of seccomp kind `kind`, for the device `device` (in messages).
 pub fn spawn<F>(
     name: String,
     kind: seccomp::ThreadKind,
     device: String,
-    interrupt: Arc<Interrupt>,
+    interrupt: impl Into<ResetLine>,
     failures: Arc<AtomicU64>,
     f: F,
 ) -> std::io::Result<JoinHandle<()>>
@@ -58,6 +89,7 @@ where
     F: FnOnce() -> Result<(), Failure> + Send + 'static,
 {
     let thread = name.clone();
+    let interrupt = interrupt.into();
     seccomp::spawn(std::thread::Builder::new().name(name), kind, move || {
         let why = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
             Ok(Ok(())) => return,

@@ -1,8 +1,11 @@
 //! The VMM thread: owns the VM and its lifecycle, and answers API requests.
 //!
-//! It waits (epoll) on two things: the API mailbox's wake-up descriptor, and, while a guest
-//! runs, the VM's exit event. API requests arrive as [`ApiRequest`] messages and are answered
-//! on their one-shot channel; nothing else touches the VM. A guest that resets or powers off
+//! It waits on event-manager for three things: the API mailbox's wake-up descriptor, the
+//! termination signals' descriptor, and, while a guest runs, the VM's exit event (watched from
+//! `vm.boot` until the VM is released). The one subscriber only notes what became ready; the
+//! thread acts on it once the manager's `run` returns, so a request may change what is watched.
+//! API requests arrive as [`ApiRequest`] messages and are answered on their one-shot channel;
+//! nothing else touches the VM. A guest that resets or powers off
 //! moves the VM to `Shutdown` (its vCPU threads joined, its memory released) and the VMM
 //! stays up, as Cloud Hypervisor does.
 //!
@@ -12,7 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use api::messages::{
     AddDevice, ApiError, ApiReply, ApiRequest, ApiResult, BootDigests, Counters, CreateVm,
@@ -25,9 +28,11 @@ use api::{
 };
 use devices::virtio::block::image::{self, ImageFormat};
 use devices::virtio::DeviceCounters;
+use event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use hypervisor::Selection;
 use sha2::{Digest, Sha256};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::device_manager::DeviceError;
 use crate::{Error, ExitReason, Vm};
@@ -38,14 +43,78 @@ mod digests;
 use checks::*;
 use digests::*;
 
-const TOKEN_API: u64 = 0;
-const TOKEN_VM: u64 = 1;
-const TOKEN_SIGNAL: u64 = 2;
+// What each watched descriptor is (the data of its event).
+const API: u32 = 0;
+const VM: u32 = 1;
+const SIGNAL: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("setting up the VMM thread's event loop: {0}")]
-    Epoll(#[source] io::Error),
+    #[error("the VMM thread's event loop: {what}: {source}")]
+    EventLoop {
+        what: &'static str,
+        #[source]
+        source: event_manager::Error,
+    },
+}
+
+/// The one subscriber: notes which of its descriptors became ready (a bit per kind).
+#[derive(Default)]
+struct Ready(u32);
+
+impl MutEventSubscriber for Ready {
+    // Its descriptors are added and removed by `Watch`, between runs.
+    fn init(&mut self, _ops: &mut EventOps) {}
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        self.0 |= 1u32.checked_shl(events.data()).unwrap_or(0);
+    }
+}
+
+/// What the VMM thread waits on.
+struct Watch {
+    manager: EventManager<Ready>,
+    id: SubscriberId,
+}
+
+impl Watch {
+    fn new() -> Result<Self, ControlError> {
+        let mut manager = EventManager::new().map_err(|source| ControlError::EventLoop {
+            what: "creating it",
+            source,
+        })?;
+        let id = manager.add_subscriber(Ready::default());
+        Ok(Watch { manager, id })
+    }
+
+    /// Watches `fd` for input, as `what`.
+    fn add(&mut self, fd: RawFd, what: u32) -> Result<(), event_manager::Error> {
+        self.manager
+            .event_ops(self.id)?
+            .add(Events::with_data_raw(fd, what, EventSet::IN))
+    }
+
+    /// Stops watching `fd`: before it is closed (so that its number, reused, is free to watch).
+    fn remove(&mut self, fd: RawFd) {
+        if let Ok(mut ops) = self.manager.event_ops(self.id) {
+            let _ = ops.remove(Events::empty_raw(fd));
+        }
+    }
+
+    /// Waits for events; returns which kinds became ready (a bit each, none if interrupted).
+    fn wait(&mut self) -> Result<u32, ControlError> {
+        let failed = |what| move |source| ControlError::EventLoop { what, source };
+        self.manager.run().map_err(failed("waiting"))?;
+        let ready = self
+            .manager
+            .subscriber_mut(self.id)
+            .map_err(failed("reading it"))?;
+        Ok(std::mem::take(&mut ready.0))
+    }
+}
+
+fn ready(set: u32, what: u32) -> bool {
+    set & (1 << what) != 0
 }
 
 /// The configured VM and, once booted, the running one.
@@ -68,7 +137,7 @@ pub struct Vmm {
     /// take one of them as an input or an output of its own.
     process_outputs: Vec<crate::outputs::Named>,
     record: Option<VmRecord>,
-    epoll: Epoll,
+    watch: Watch,
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -87,7 +156,7 @@ impl Vmm {
             selection,
             process_outputs: Vec::new(),
             record: None,
-            epoll: Epoll::new().map_err(ControlError::Epoll)?,
+            watch: Watch::new()?,
         })
     }
 
@@ -99,51 +168,38 @@ impl Vmm {
     /// Serves `mailbox` until `vmm.shutdown`, or a termination signal (`signals`: then the
     /// answer is the signal's number). The VM, if any, is torn down before returning.
     pub fn run(&mut self, mailbox: &VmmMailbox) -> Result<Option<i32>, ControlError> {
-        self.epoll
-            .ctl(
-                ControlOperation::Add,
-                mailbox.fd(),
-                EpollEvent::new(EventSet::IN, TOKEN_API),
-            )
-            .map_err(ControlError::Epoll)?;
+        let watching = |what| move |source| ControlError::EventLoop { what, source };
+        self.watch
+            .add(mailbox.fd(), API)
+            .map_err(watching("watching the API mailbox"))?;
         if let Some(fd) = crate::signals::fd() {
-            self.epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, TOKEN_SIGNAL),
-                )
-                .map_err(ControlError::Epoll)?;
+            self.watch
+                .add(fd, SIGNAL)
+                .map_err(watching("watching the signals"))?;
         }
-        let mut events = vec![EpollEvent::default(); 4];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ControlError::Epoll(e)),
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    TOKEN_VM => self.guest_stopped(),
-                    TOKEN_SIGNAL => {
-                        if let Some(sig) = crate::signals::received() {
-                            if let Some(record) = self.record.as_mut() {
-                                release(&self.epoll, record);
-                            }
-                            return Ok(Some(sig));
-                        }
+            // Zero kinds ready: interrupted by a signal.
+            let set = self.watch.wait()?;
+            if ready(set, VM) {
+                self.guest_stopped();
+            }
+            if ready(set, SIGNAL) {
+                if let Some(sig) = crate::signals::received() {
+                    if let Some(record) = self.record.as_mut() {
+                        release(&mut self.watch, record);
                     }
-                    _ => {
-                        for message in mailbox.drain() {
-                            let exit = matches!(message.request, ApiRequest::VmmShutdown);
-                            let answer = self.handle(message.request);
-                            let exit = exit && answer.is_ok();
-                            // The client may have gone; the request is done either way.
-                            let _ = message.reply.send(answer);
-                            if exit {
-                                return Ok(None);
-                            }
-                        }
+                    return Ok(Some(sig));
+                }
+            }
+            if ready(set, API) {
+                for message in mailbox.drain() {
+                    let exit = matches!(message.request, ApiRequest::VmmShutdown);
+                    let answer = self.handle(message.request);
+                    let exit = exit && answer.is_ok();
+                    // The client may have gone; the request is done either way.
+                    let _ = message.reply.send(answer);
+                    if exit {
+                        return Ok(None);
                     }
                 }
             }
@@ -156,7 +212,7 @@ impl Vmm {
             ApiRequest::VmmPing => Ok(ApiReply::Ping(ping())),
             ApiRequest::VmmShutdown => {
                 if let Some(record) = self.record.as_mut() {
-                    release(&self.epoll, record);
+                    release(&mut self.watch, record);
                 }
                 Ok(ApiReply::Empty)
             }
@@ -167,7 +223,7 @@ impl Vmm {
             ApiRequest::VmDelete => {
                 // As in Cloud Hypervisor, deleting when there is nothing is not an error.
                 if let Some(mut record) = self.record.take() {
-                    release(&self.epoll, &mut record);
+                    release(&mut self.watch, &mut record);
                 }
                 Ok(ApiReply::Empty)
             }
@@ -245,11 +301,7 @@ impl Vmm {
         drop(inputs);
         let cmdline = vm.cmdline().to_string();
         vm.start().map_err(|e| ApiError::Internal(e.to_string()))?;
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Add,
-            vm.exit_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_VM),
-        ) {
+        if let Err(e) = self.watch.add(vm.exit_fd(), VM) {
             vm.stop();
             return Err(ApiError::Internal(format!("watching the VM: {e}")));
         }
@@ -281,14 +333,14 @@ impl Vmm {
     }
 
     fn shutdown(&mut self) -> Result<(), ApiError> {
-        let epoll = &self.epoll;
+        let watch = &mut self.watch;
         let record = self
             .record
             .as_mut()
             .ok_or_else(|| ApiError::NotFound(NO_VM.into()))?;
         match record.state {
             VmState::Running | VmState::Paused => {
-                release(epoll, record);
+                release(watch, record);
                 // As in Cloud Hypervisor: the configuration stays, ready to boot again.
                 record.state = VmState::Created;
                 record.stop_reason = Some("vm.shutdown".into());
@@ -480,7 +532,7 @@ impl Vmm {
             ExitReason::TripleFault => log::warn!("guest stopped: triple fault"),
             ExitReason::GuestError(msg) => log::warn!("guest stopped: {msg}"),
         }
-        release(&self.epoll, record);
+        release(&mut self.watch, record);
         record.state = VmState::Shutdown;
         record.stop_reason = Some(match reason {
             ExitReason::Reset => "Reset".into(),
@@ -492,14 +544,11 @@ impl Vmm {
     }
 }
 
-/// Stops the running VM, if any: vCPU threads joined, memory and devices released.
-fn release(epoll: &Epoll, record: &mut VmRecord) {
+/// Stops the running VM, if any: its exit event no longer watched, vCPU threads joined,
+/// memory and devices released.
+fn release(watch: &mut Watch, record: &mut VmRecord) {
     if let Some(mut vm) = record.vm.take() {
-        let _ = epoll.ctl(
-            ControlOperation::Delete,
-            vm.exit_fd(),
-            EpollEvent::default(),
-        );
+        watch.remove(vm.exit_fd());
         vm.stop();
     }
 }

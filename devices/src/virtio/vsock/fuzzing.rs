@@ -3,22 +3,27 @@
 //! fed it.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, OnceLock};
 
+use event_manager::{EventManager, SubscriberId, SubscriberOps};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EpollEvent;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::hybrid;
-use super::muxer::{Active, Muxer};
+use super::muxer::{Active, Control, Muxer};
 use super::{Shared, VsockCounters, VsockError, VsockOptions};
 use crate::virtio::Interrupt;
 
 pub struct Harness {
-    muxer: Muxer,
-    events: Vec<EpollEvent>,
+    manager: EventManager<Muxer>,
+    id: SubscriberId,
+    /// The muxer's control event: written before each round, so that every round makes a pass
+    /// (as the device thread does after any event) even when nothing else is ready.
+    wake: EventFd,
+    /// The muxer's control channel (activation; held open for as long as the harness lives).
+    ctl: Sender<Control>,
     shared: Arc<Shared>,
 }
 
@@ -41,38 +46,65 @@ impl Harness {
             events: None,
         });
         let wake = EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?;
-        // Nothing is ever sent: activation is done here, and dropping the harness stops it.
-        let (_ctl, ctl_rx) = mpsc::channel();
-        let mut muxer = Muxer::new(
+        let (ctl, ctl_rx) = mpsc::channel();
+        let muxer = Muxer::new(
             cid,
             socket.to_owned(),
             listener,
             options,
             shared.clone(),
-            wake,
+            wake.try_clone().map_err(io("cloning an eventfd"))?,
             ctl_rx,
         )
-        .map_err(io("setting up epoll"))?;
+        .map_err(io("creating its timer"))?;
+        let mut manager = EventManager::new().map_err(|e| VsockError::Io {
+            what: "creating its event loop",
+            source: std::io::Error::other(e),
+        })?;
+        let id = manager.add_subscriber(muxer);
         let [rx, tx, ev] = queues;
         let evt = || EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"));
-        muxer.activate(Box::new(Active {
+        let active = Active {
             mem,
             rx,
             tx,
             _ev: ev,
             evts: [evt()?, evt()?, evt()?],
             interrupt,
-        }));
-        Ok(Harness {
-            muxer,
-            events: vec![EpollEvent::default(); 64],
+        };
+        let mut harness = Harness {
+            manager,
+            id,
+            wake,
+            ctl,
             shared,
-        })
+        };
+        // Activated by the first round, as the device thread is by its control event.
+        if harness
+            .ctl
+            .send(Control::Activate(Box::new(active)))
+            .is_err()
+            || !harness.turn()
+        {
+            return Err(VsockError::Io {
+                what: "activating the muxer",
+                source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+            });
+        }
+        Ok(harness)
     }
 
-    /// One round without waiting: host sockets that became ready, then the queues.
+    /// One round without waiting: host sockets that became ready, then the queues. False once
+    /// the muxer stopped.
     pub fn turn(&mut self) -> bool {
-        self.muxer.turn(&mut self.events, Some(0))
+        // Fails only if the counter would overflow: a wake-up is pending anyway.
+        let _ = self.wake.write(1);
+        if self.manager.run_with_timeout(0).is_err() {
+            return false;
+        }
+        self.manager
+            .subscriber_mut(self.id)
+            .is_ok_and(|m| !m.stopped())
     }
 
     pub fn counters(&self) -> &VsockCounters {

@@ -27,7 +27,7 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::hybrid::{HybridError, SocketId};
 use self::muxer::{Active, Control, Muxer};
+use super::worker::{self, ResetLine};
 use super::{
-    ActivateContext, ActivateError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    ActivateContext, ActivateError, Interrupt, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -148,6 +149,9 @@ pub struct VsockCounters {
     pub credit_violations: AtomicU64,
     /// RSTs not sent because too many were queued.
     pub dropped_rsts: AtomicU64,
+    /// The device thread stopped on its own (an error it cannot go on from, or a panic): vsock
+    /// is down, the driver is asked for a reset, the VM goes on.
+    pub worker_failures: Arc<AtomicU64>,
 }
 
 /// State shared by the device, its worker and the VMM.
@@ -198,6 +202,8 @@ pub struct Vsock {
     cid: u64,
     ctl: Sender<Control>,
     wake: EventFd,
+    /// The interrupt of the current activation: where a failed worker's reset request goes.
+    interrupt: Arc<Mutex<Option<Arc<Interrupt>>>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -219,6 +225,7 @@ impl Vsock {
         let io = |what| move |source| VsockError::Io { what, source };
         let wake = EventFd::new(EFD_NONBLOCK).map_err(io("creating an eventfd"))?;
         let (ctl, ctl_rx) = mpsc::channel();
+        let failures = shared.counters.worker_failures.clone();
         let muxer = Muxer::new(
             cfg.cid.get(),
             cfg.socket.clone(),
@@ -228,16 +235,15 @@ impl Vsock {
             wake.try_clone().map_err(io("cloning an eventfd"))?,
             ctl_rx,
         )
-        .map_err(io("setting up epoll"))?;
-        let worker = seccomp::spawn(
-            std::thread::Builder::new().name("vsock".into()),
+        .map_err(io("creating its timer"))?;
+        let interrupt = Arc::new(Mutex::new(None));
+        let worker = worker::spawn(
+            "vsock".into(),
             seccomp::ThreadKind::Vsock,
-            move || {
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| muxer.run()));
-                if run.is_err() {
-                    log::error!("vsock: the device thread panicked; vsock is down, the VM goes on");
-                }
-            },
+            "vsock".into(),
+            ResetLine::Current(interrupt.clone()),
+            failures,
+            move || worker::event_loop(muxer),
         )
         .map_err(io("spawning the device thread"))?;
         Ok((
@@ -245,10 +251,18 @@ impl Vsock {
                 cid: cfg.cid.get(),
                 ctl,
                 wake,
+                interrupt,
                 worker: Some(worker),
             },
             handle,
         ))
+    }
+
+    fn set_interrupt(&self, interrupt: Option<Arc<Interrupt>>) {
+        *self
+            .interrupt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = interrupt;
     }
 
     fn send(&self, msg: Control) -> bool {
@@ -296,6 +310,7 @@ impl VirtioDevice for Vsock {
         else {
             return Err(ActivateError::BadQueue(0));
         };
+        self.set_interrupt(Some(ctx.interrupt.clone()));
         let active = Active {
             mem: ctx.mem,
             rx,
@@ -314,6 +329,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
+        self.set_interrupt(None);
         // Wait until the worker let go of the queues: the driver reuses their memory next.
         let (ack, done) = mpsc::sync_channel(1);
         if self.send(Control::Reset(ack)) {

@@ -4,7 +4,7 @@
 use super::*;
 
 impl Muxer {
-    pub(super) fn accept(&mut self) {
+    pub(super) fn accept(&mut self, ops: &mut EventOps) {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -32,22 +32,17 @@ impl Muxer {
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let token = self.new_token();
-            if self
-                .epoll
-                .ctl(
-                    ControlOperation::Add,
-                    stream.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token),
-                )
+            let fd = stream.as_raw_fd();
+            if ops
+                .add(Events::with_data(&stream, STREAM, EventSet::IN))
                 .is_err()
             {
                 tell(&stream, "internal error: cannot watch the connection");
                 continue;
             }
-            self.slots.insert(token, Slot::Pending);
+            self.slots.insert(fd, Slot::Pending);
             self.pending.insert(
-                token,
+                fd,
                 PendingHost {
                     stream,
                     line: Vec::new(),
@@ -57,14 +52,9 @@ impl Muxer {
         }
     }
 
-    pub(super) fn drop_pending(&mut self, token: u64, why: Option<String>) {
-        self.slots.remove(&token);
-        if let Some(p) = self.pending.remove(&token) {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                p.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+    pub(super) fn drop_pending(&mut self, fd: RawFd, why: Option<String>) {
+        self.slots.remove(&fd);
+        if let Some(p) = self.pending.remove(&fd) {
             if let Some(why) = why {
                 self.shared
                     .counters
@@ -73,41 +63,42 @@ impl Muxer {
                 self.log.say(format_args!("host connection dropped: {why}"));
                 tell(&p.stream, &why);
             }
+            self.unwatch.push(p.stream);
         }
     }
 
     /// Reads the CONNECT line, never a byte beyond its newline (what follows is data).
-    pub(super) fn read_connect_line(&mut self, token: u64) {
-        let Some(p) = self.pending.get_mut(&token) else {
+    pub(super) fn read_connect_line(&mut self, fd: RawFd) {
+        let Some(p) = self.pending.get_mut(&fd) else {
             return;
         };
         let mut buf = [0u8; MAX_CONNECT_LINE];
         let room = MAX_CONNECT_LINE - p.line.len();
         let n = match peek(&p.stream, &mut buf[..room]) {
-            Ok(0) => return self.drop_pending(token, None), // the client gave up
+            Ok(0) => return self.drop_pending(fd, None), // the client gave up
             Ok(n) => n,
             Err(e) if would_block(&e) => return,
-            Err(_) => return self.drop_pending(token, None),
+            Err(_) => return self.drop_pending(fd, None),
         };
         let newline = buf[..n].iter().position(|&b| b == b'\n');
         let take = newline.map_or(n, |i| i + 1);
         let mut got = vec![0u8; take];
         if p.stream.read_exact(&mut got).is_err() {
-            return self.drop_pending(token, None);
+            return self.drop_pending(fd, None);
         }
         p.line.extend_from_slice(&got);
         if newline.is_none() {
             if p.line.len() >= MAX_CONNECT_LINE {
                 let e = hybrid::HybridError::LineTooLong.to_string();
-                self.drop_pending(token, Some(e));
+                self.drop_pending(fd, Some(e));
             }
             return;
         }
         let line_len = p.line.len() - 1;
         let parsed = hybrid::parse_connect_line(&p.line[..line_len]);
         match parsed {
-            Err(e) => self.drop_pending(token, Some(e.to_string())),
-            Ok(port) => self.host_connect(token, port),
+            Err(e) => self.drop_pending(fd, Some(e.to_string())),
+            Ok(port) => self.host_connect(fd, port),
         }
     }
 
@@ -127,27 +118,24 @@ impl Muxer {
     }
 
     /// A host client asked for guest port `port`: ask the guest (now or once its driver is up).
-    pub(super) fn host_connect(&mut self, token: u64, port: u32) {
-        let Some(p) = self.pending.remove(&token) else {
+    pub(super) fn host_connect(&mut self, fd: RawFd, port: u32) {
+        let Some(p) = self.pending.remove(&fd) else {
             return;
         };
         let Some(local) = self.alloc_local_port() else {
-            self.slots.remove(&token);
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                p.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
+            self.slots.remove(&fd);
             tell(&p.stream, "too many connections");
+            self.unwatch.push(p.stream);
             return;
         };
         let key = Key { local, peer: port };
-        let mut conn = Conn::new(p.stream, token, true, State::Connecting { sent: false });
+        // The stream stays watched as it was while pending.
+        let mut conn = Conn::new(p.stream, true, State::Connecting { sent: false });
         conn.deadline = Some(Instant::now() + self.connect_wait());
         conn.registered = true;
         conn.interest = EventSet::IN;
         self.local_ports.insert(local);
-        self.slots.insert(token, Slot::Conn(key));
+        self.slots.insert(fd, Slot::Conn(key));
         self.conns.insert(key, conn);
         // While connecting, only a hang-up matters (EPOLLHUP is always reported); data the
         // client sends early waits in its socket.

@@ -1,11 +1,14 @@
 //! The vsock device's worker: one thread that owns the queues once the driver is up, the
 //! listening Unix socket, every host stream, and the state of every connection.
 //!
-//! It waits in one epoll on: its control event (activate, reset, stop), the three queue
-//! notify events, the listener, and each host stream. After every wake-up it drains the tx
-//! queue (guest to host), then fills rx buffers (host to guest) from what is pending, then
-//! runs the timers (CONNECT retries and deadlines, close deadlines), and raises the interrupt
-//! if it used any buffer.
+//! It is an event-manager subscriber ([`crate::virtio::worker::DeviceLoop`]) watching: its
+//! control event (activate, reset, stop), the three queue notify events, the listener, a
+//! timerfd, and each host stream. After every event it drains the tx queue (guest to host),
+//! fills rx buffers (host to guest) from what is pending, runs the timers (CONNECT retries and
+//! deadlines, close deadlines), and raises the interrupt if it used any buffer. Then the host
+//! streams' watches follow what each connection now waits for (added, modified or removed
+//! through the `EventOps` of that event; a stream leaves the watch list before it is closed),
+//! and the timerfd is armed for the nearest deadline: the loop itself never times out.
 //!
 //! Flow control, per connection:
 //! - guest to host: the guest may have at most `buf_alloc` bytes in flight that we have not
@@ -16,14 +19,15 @@
 //!   buffers are posted. Otherwise the bytes stay in the host socket, whose writer then
 //!   blocks: back-pressure, never unbounded buffering.
 //!
-//! This file holds the loop, the connection state and the device's life (activate, reset);
-//! the rest is by concern: `host.rs` (accepting and `CONNECT`), `streams.rs` (host stream
-//! events, forwarding, closing), `tx.rs` (guest to host), `rx.rs` (host to guest), `timers.rs`.
+//! This file holds the event handling, the connection state and the device's life (activate,
+//! reset); the rest is by concern: `host.rs` (accepting and `CONNECT`), `streams.rs` (host
+//! stream events, forwarding, closing, the watch list), `tx.rs` (guest to host), `rx.rs` (host
+//! to guest), `timers.rs`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{Read, Write};
 use std::num::Wrapping;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -31,16 +35,18 @@ use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::hybrid::{self, MAX_CONNECT_LINE};
 use super::packet::{
     Header, Op, HEADER_LEN, HOST_CID, MAX_PAYLOAD, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use super::{Shared, VsockEvent, VsockOptions};
+use crate::virtio::worker::{DeviceLoop, Failure};
 use crate::virtio::Interrupt;
 
 mod host;
@@ -49,12 +55,15 @@ mod streams;
 mod timers;
 mod tx;
 
-const TOKEN_WAKE: u64 = 0;
-const TOKEN_RXQ: u64 = 1;
-const TOKEN_TXQ: u64 = 2;
-const TOKEN_EVQ: u64 = 3;
-const TOKEN_LISTENER: u64 = 4;
-const FIRST_STREAM_TOKEN: u64 = 16;
+// What each watched descriptor is (the data of its event). A host stream is found by its
+// descriptor, which every event carries: a connection's key (two ports) does not fit.
+const WAKE: u32 = 0;
+const RXQ: u32 = 1;
+const TXQ: u32 = 2;
+const EVQ: u32 = 3;
+const LISTENER: u32 = 4;
+const TIMER: u32 = 5;
+const STREAM: u32 = 6;
 
 /// Host-side ports handed to host-initiated connections start here (as in Firecracker and
 /// Cloud Hypervisor), far from the ports guests connect to.
@@ -112,7 +121,6 @@ mod owe {
 
 struct Conn {
     stream: UnixStream,
-    token: u64,
     /// Whether the host side asked for it (CONNECT) or the guest did.
     host_initiated: bool,
     state: State,
@@ -132,14 +140,17 @@ struct Conn {
     peer_buf_alloc: u32,
     peer_fwd_cnt: Wrapping<u32>,
     tx_cnt: Wrapping<u32>,
-    /// epoll said the host stream is readable and we have not read it dry since.
+    /// Its event said the host stream is readable and we have not read it dry since.
     host_readable: bool,
     /// Read 0 from the host stream: it sends no more.
     host_eof: bool,
-    /// The host peer closed completely (EPOLLHUP): the stream is out of the epoll set.
+    /// The host peer closed completely (EPOLLHUP): the stream leaves the watch list.
     host_hup: bool,
+    /// What the stream is watched for, if it is in the watch list.
     interest: EventSet,
     registered: bool,
+    /// In `Muxer::rewatch`: its watch is brought up to date after this pass.
+    rewatch: bool,
     in_rx_queue: bool,
     /// Connecting: give up then. Closing (both sides shut, waiting for the guest's RST): reset then.
     deadline: Option<Instant>,
@@ -150,10 +161,9 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: UnixStream, token: u64, host_initiated: bool, state: State) -> Self {
+    fn new(stream: UnixStream, host_initiated: bool, state: State) -> Self {
         Conn {
             stream,
-            token,
             host_initiated,
             state,
             owe: 0,
@@ -172,6 +182,7 @@ impl Conn {
             host_hup: false,
             interest: EventSet::empty(),
             registered: false,
+            rewatch: false,
             in_rx_queue: false,
             deadline: None,
             retry_at: None,
@@ -198,7 +209,7 @@ impl Conn {
         self.owe != 0 || self.can_send_data()
     }
 
-    /// The epoll events this connection needs now.
+    /// The events this connection's host stream is watched for now.
     fn wanted_interest(&self) -> EventSet {
         let mut ev = EventSet::empty();
         if self.state == State::Established
@@ -230,7 +241,8 @@ impl Conn {
     }
 }
 
-/// A host client that connected and has not finished its CONNECT line.
+/// A host client that connected and has not finished its CONNECT line (watched for input
+/// from its acceptance on).
 struct PendingHost {
     stream: UnixStream,
     line: Vec<u8>,
@@ -282,23 +294,31 @@ pub(super) struct Muxer {
     socket: PathBuf,
     opts: VsockOptions,
     shared: Arc<Shared>,
-    epoll: Epoll,
     wake: EventFd,
     ctl: Receiver<Control>,
     listener: UnixListener,
+    /// Expires at the nearest deadline (`timer_at`); disarmed when there is none.
+    timer: TimerFd,
+    timer_at: Option<Instant>,
     active: Option<Box<Active>>,
     broken: bool,
     conns: HashMap<Key, Conn>,
     local_ports: HashSet<u32>,
-    slots: HashMap<u64, Slot>,
-    pending: HashMap<u64, PendingHost>,
+    /// Host streams by descriptor: how their events find them.
+    slots: HashMap<RawFd, Slot>,
+    pending: HashMap<RawFd, PendingHost>,
+    /// Connections whose watch may have to change (added, modified, removed) after this pass.
+    rewatch: Vec<Key>,
+    /// Watched streams done with: they leave the watch list, then close, after this pass (so
+    /// that no descriptor number is reused while the watch list still holds it).
+    unwatch: Vec<UnixStream>,
     rsts: VecDeque<Key>,
     rx_queue: VecDeque<Key>,
     next_local_port: u32,
-    next_token: u64,
     used_rx: bool,
     used_tx: bool,
     log: Log,
+    outcome: Option<Result<(), Failure>>,
 }
 
 fn would_block(e: &std::io::Error) -> bool {
@@ -374,88 +394,51 @@ impl Muxer {
         wake: EventFd,
         ctl: Receiver<Control>,
     ) -> std::io::Result<Self> {
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_WAKE),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
-        )?;
         Ok(Muxer {
             cid,
             socket,
             opts,
             shared,
-            epoll,
             wake,
             ctl,
             listener,
+            timer: nonblocking_timer()?,
+            timer_at: None,
             active: None,
             broken: false,
             conns: HashMap::new(),
             local_ports: HashSet::new(),
             slots: HashMap::new(),
             pending: HashMap::new(),
+            rewatch: Vec::new(),
+            unwatch: Vec::new(),
             rsts: VecDeque::new(),
             rx_queue: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
-            next_token: FIRST_STREAM_TOKEN,
             used_rx: false,
             used_tx: false,
             log: Log { printed: 0 },
+            outcome: None,
         })
     }
 
-    pub(super) fn run(mut self) {
-        let mut events = vec![EpollEvent::default(); 64];
-        while self.turn(&mut events, None) {}
+    /// Whether it stopped (asked to, or unable to go on).
+    #[cfg(feature = "fuzzing")]
+    pub(super) fn stopped(&self) -> bool {
+        self.outcome.is_some()
     }
 
-    /// Waits for events (at most `timeout_ms`; `None`: until the next timer is due), handles
-    /// them and makes one pass. False: stop (asked to, or epoll failed).
-    pub(super) fn turn(&mut self, events: &mut [EpollEvent], timeout_ms: Option<i32>) -> bool {
-        let timeout = timeout_ms.unwrap_or_else(|| self.next_timeout_ms());
-        let n = match self.epoll.wait(timeout, events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return true,
-            Err(e) => {
-                self.log
-                    .say(format_args!("epoll failed, device stopped: {e}"));
-                return false;
-            }
-        };
-        for ev in &events[..n] {
-            let set = ev.event_set();
-            match ev.data() {
-                TOKEN_WAKE => {
-                    let _ = self.wake.read();
-                    if !self.control() {
-                        return false;
-                    }
-                }
-                TOKEN_RXQ => self.drain_queue_evt(0),
-                TOKEN_TXQ => self.drain_queue_evt(1),
-                TOKEN_EVQ => self.drain_queue_evt(2),
-                TOKEN_LISTENER => self.accept(),
-                token => self.stream_event(token, set),
-            }
-        }
-        self.process();
-        true
-    }
-
-    /// One pass over everything that may have become possible.
-    pub(super) fn process(&mut self) {
+    /// One pass over everything that may have become possible, then the watch list and the
+    /// timer brought up to date.
+    fn pass(&mut self, ops: &mut EventOps) {
         self.process_tx();
         self.process_rx();
         self.timers(Instant::now());
         // Timers may have queued packets (retried REQUESTs, RSTs).
         self.process_rx();
         self.notify_guest();
+        self.sync_watches(ops);
+        self.arm_timer();
     }
 
     fn drain_queue_evt(&mut self, i: usize) {
@@ -477,12 +460,12 @@ impl Muxer {
     }
 
     /// Handles control messages; false means stop.
-    fn control(&mut self) -> bool {
+    fn control(&mut self, ops: &mut EventOps) -> bool {
         while let Ok(msg) = self.ctl.try_recv() {
             match msg {
-                Control::Activate(active) => self.activate(active),
+                Control::Activate(active) => self.activate(active, ops),
                 Control::Reset(ack) => {
-                    self.reset();
+                    self.reset(ops);
                     let _ = ack.send(());
                 }
                 Control::Stop => {
@@ -494,19 +477,26 @@ impl Muxer {
         true
     }
 
-    pub(super) fn activate(&mut self, active: Box<Active>) {
-        self.reset();
-        for (evt, token) in active.evts.iter().zip([TOKEN_RXQ, TOKEN_TXQ, TOKEN_EVQ]) {
-            if let Err(e) = self.epoll.ctl(
-                ControlOperation::Add,
-                evt.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token),
-            ) {
+    fn activate(&mut self, active: Box<Active>, ops: &mut EventOps) {
+        self.reset(ops);
+        let watches = active
+            .evts
+            .iter()
+            .zip([RXQ, TXQ, EVQ])
+            .map(|(evt, data)| Events::with_data(evt, data, EventSet::IN));
+        let mut added = Vec::new();
+        for ev in watches {
+            if let Err(e) = ops.add(ev) {
+                // Out of the watch list before they close with `active`.
+                for ev in added {
+                    let _ = ops.remove(ev);
+                }
                 self.log
                     .say(format_args!("cannot watch a queue, device unusable: {e}"));
                 active.interrupt.signal_needs_reset();
                 return;
             }
+            added.push(ev);
         }
         self.active = Some(active);
         self.broken = false;
@@ -524,14 +514,10 @@ impl Muxer {
     }
 
     /// The driver reset the device: the guest forgot every connection.
-    fn reset(&mut self) {
+    fn reset(&mut self, ops: &mut EventOps) {
         if let Some(active) = self.active.take() {
             for evt in &active.evts {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    evt.as_raw_fd(),
-                    EpollEvent::default(),
-                );
+                let _ = ops.remove(Events::empty(evt));
             }
         }
         self.rsts.clear();
@@ -555,12 +541,71 @@ impl Muxer {
             }
         }
     }
+}
 
-    // ------------------------------------------------------------------ host side --
+/// A timerfd whose reads never block: its expiry may already have been consumed by a re-arm
+/// when its event is handled.
+fn nonblocking_timer() -> std::io::Result<TimerFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: no memory is passed; the result is checked.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new timerfd that nothing else owns.
+    Ok(unsafe { TimerFd::from_raw_fd(fd) })
+}
 
-    fn new_token(&mut self) -> u64 {
-        let t = self.next_token;
-        self.next_token += 1;
-        t
+impl DeviceLoop for Muxer {
+    fn outcome(&mut self) -> Option<Result<(), Failure>> {
+        self.outcome.take()
+    }
+}
+
+impl MutEventSubscriber for Muxer {
+    fn init(&mut self, ops: &mut EventOps) {
+        let watches = [
+            Events::with_data(&self.wake, WAKE, EventSet::IN),
+            Events::with_data(&self.listener, LISTENER, EventSet::IN),
+            Events::with_data(&self.timer, TIMER, EventSet::IN),
+        ];
+        for ev in watches {
+            if let Err(e) = ops.add(ev) {
+                self.outcome = Some(Err(format!("watching its events: {e}")));
+                return;
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.outcome.is_some() {
+            // Stopped: the rest of this batch is not looked at.
+            return;
+        }
+        match events.data() {
+            WAKE => {
+                let _ = self.wake.read();
+                if !self.control(ops) {
+                    self.outcome = Some(Ok(()));
+                    return;
+                }
+            }
+            RXQ => self.drain_queue_evt(0),
+            TXQ => self.drain_queue_evt(1),
+            EVQ => self.drain_queue_evt(2),
+            LISTENER => self.accept(ops),
+            TIMER => {
+                // Expired: no longer armed. (Nothing to read if a re-arm came first.)
+                self.timer_at = None;
+                let _ = self.timer.wait();
+            }
+            _ => self.stream_event(events.fd(), events.event_set()),
+        }
+        self.pass(ops);
     }
 }

@@ -1,12 +1,12 @@
 //! A connection's host stream: readiness events, forwarding what the guest sent, closing
-//! and resetting, and which streams are watched for what.
+//! and resetting, and which streams are watched for what (the watch list follows each pass).
 
 use super::*;
 
 impl Muxer {
-    pub(super) fn stream_event(&mut self, token: u64, set: EventSet) {
-        match self.slots.get(&token) {
-            Some(Slot::Pending) => self.read_connect_line(token),
+    pub(super) fn stream_event(&mut self, fd: RawFd, set: EventSet) {
+        match self.slots.get(&fd) {
+            Some(Slot::Pending) => self.read_connect_line(fd),
             Some(Slot::Conn(key)) => {
                 let key = *key;
                 self.conn_event(key, set);
@@ -37,21 +37,14 @@ impl Muxer {
         }
         if set.contains(EventSet::HANG_UP) {
             // The peer is gone for good: whatever it wrote is still readable; after that, EOF.
-            // HUP is reported whatever the interest, so the stream leaves the epoll set.
+            // HUP is reported whatever the interest, so the stream leaves the watch list
+            // (`update_interest` below).
             c.host_hup = true;
             if !c.host_eof {
                 c.host_readable = true;
             } else {
                 c.shutdown_flags |= SHUTDOWN_RCV | SHUTDOWN_SEND;
                 c.owe |= owe::SHUTDOWN;
-            }
-            if c.registered {
-                let _ = self.epoll.ctl(
-                    ControlOperation::Delete,
-                    c.stream.as_raw_fd(),
-                    EpollEvent::default(),
-                );
-                c.registered = false;
             }
             if !c.to_host.is_empty() {
                 // Nobody will read it.
@@ -67,30 +60,60 @@ impl Muxer {
         self.want_rx(key);
     }
 
+    /// The connection's state changed: its watch follows after this pass (`sync_watches`).
     pub(super) fn update_interest(&mut self, key: Key) {
         let Some(c) = self.conns.get_mut(&key) else {
             return;
         };
-        if c.host_hup {
-            return;
-        }
-        let want = c.wanted_interest();
-        if c.registered && want == c.interest {
-            return;
-        }
-        let op = if c.registered {
-            ControlOperation::Modify
+        let current = if c.host_hup {
+            !c.registered
         } else {
-            ControlOperation::Add
+            c.registered && c.wanted_interest() == c.interest
         };
-        if self
-            .epoll
-            .ctl(op, c.stream.as_raw_fd(), EpollEvent::new(want, c.token))
-            .is_ok()
-        {
-            c.interest = want;
-            c.registered = true;
+        if !current && !c.rewatch {
+            c.rewatch = true;
+            self.rewatch.push(key);
         }
+    }
+
+    /// Brings the watch list up to date after a pass: streams done with leave it (then close),
+    /// and each connection that changed is watched for what it waits for now (a stream whose
+    /// peer hung up, for nothing: HUP would be reported whatever the interest).
+    pub(super) fn sync_watches(&mut self, ops: &mut EventOps) {
+        for stream in self.unwatch.drain(..) {
+            let _ = ops.remove(Events::empty(&stream));
+        }
+        let mut rewatch = std::mem::take(&mut self.rewatch);
+        for key in rewatch.drain(..) {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            c.rewatch = false;
+            if c.host_hup {
+                if c.registered {
+                    let _ = ops.remove(Events::empty(&c.stream));
+                    c.registered = false;
+                }
+                continue;
+            }
+            let want = c.wanted_interest();
+            if c.registered && want == c.interest {
+                continue;
+            }
+            let ev = Events::with_data(&c.stream, STREAM, want);
+            let done = if c.registered {
+                ops.modify(ev)
+            } else {
+                ops.add(ev)
+            };
+            // On failure it is tried again at its next change.
+            if done.is_ok() {
+                c.interest = want;
+                c.registered = true;
+            }
+        }
+        // Its capacity is kept for the next pass.
+        self.rewatch = rewatch;
     }
 
     /// Writes buffered guest data to the host stream.
@@ -159,16 +182,13 @@ impl Muxer {
         let Some(c) = self.conns.remove(&key) else {
             return;
         };
-        if c.registered {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                c.stream.as_raw_fd(),
-                EpollEvent::default(),
-            );
-        }
-        self.slots.remove(&c.token);
+        self.slots.remove(&c.stream.as_raw_fd());
         if c.host_initiated {
             self.local_ports.remove(&key.local);
+        }
+        if c.registered {
+            // Closed once out of the watch list, after this pass.
+            self.unwatch.push(c.stream);
         }
         if rst && self.active.is_some() {
             self.queue_rst(key);

@@ -1,10 +1,11 @@
-//! Deadlines: CONNECT retries and holds, close timeouts; and how long the loop may sleep.
+//! Deadlines: CONNECT retries and holds, close timeouts, CONNECT lines; and the timerfd that
+//! wakes the loop at the nearest one.
 
 use super::*;
 
 impl Muxer {
-    pub(super) fn next_timeout_ms(&self) -> i32 {
-        let now = Instant::now();
+    /// The nearest deadline, if any.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |t: Instant| {
             next = Some(next.map_or(t, |n: Instant| n.min(t)));
@@ -22,29 +23,44 @@ impl Muxer {
                 }
             }
         }
-        match next {
-            None => -1,
-            Some(t) => {
-                let ms = t.saturating_duration_since(now).as_millis();
-                // Round up so we never wake just before the deadline.
-                (ms + 1).min(i32::MAX as u128) as i32
-            }
+        next
+    }
+
+    /// Arms the timer for the nearest deadline (disarms it if there is none), unless it is
+    /// armed for that one already.
+    pub(super) fn arm_timer(&mut self) {
+        let next = self.next_deadline();
+        if next == self.timer_at {
+            return;
+        }
+        let armed = match next {
+            None => self.timer.clear(),
+            // A zero duration would disarm it: a deadline already past expires at once.
+            Some(t) => self.timer.reset(
+                t.saturating_duration_since(Instant::now())
+                    .max(Duration::from_nanos(1)),
+                None,
+            ),
+        };
+        match armed {
+            Ok(()) => self.timer_at = next,
+            Err(e) => self.outcome = Some(Err(format!("arming its timer: {e}"))),
         }
     }
 
     pub(super) fn timers(&mut self, now: Instant) {
-        let late: Vec<u64> = self
+        let late: Vec<RawFd> = self
             .pending
             .iter()
             .filter(|(_, p)| p.deadline <= now)
             .map(|(t, _)| *t)
             .collect();
-        for token in late {
+        for fd in late {
             let why = format!(
                 "no CONNECT line within {} ms",
                 self.opts.line_timeout.as_millis()
             );
-            self.drop_pending(token, Some(why));
+            self.drop_pending(fd, Some(why));
         }
         let mut expired = Vec::new();
         let mut retry = Vec::new();

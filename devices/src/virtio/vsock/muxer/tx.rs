@@ -268,12 +268,12 @@ impl Muxer {
                 return;
             }
         };
-        let token = self.new_token();
-        let mut c = Conn::new(stream, token, false, State::Established);
+        let fd = stream.as_raw_fd();
+        let mut c = Conn::new(stream, false, State::Established);
         c.peer_buf_alloc = h.buf_alloc;
         c.peer_fwd_cnt = Wrapping(h.fwd_cnt);
         c.owe |= owe::RESPONSE;
-        self.slots.insert(token, Slot::Conn(key));
+        self.slots.insert(fd, Slot::Conn(key));
         self.conns.insert(key, c);
         self.shared
             .counters
