@@ -14,7 +14,6 @@
 //! `vm.delete` from any state → no VM.
 
 use std::collections::BTreeSet;
-use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use api::messages::{
