@@ -185,6 +185,16 @@ impl<M: Deref<Target = GuestMemoryMmap>> DriverQueue<M> {
         head
     }
 
+    /// Makes each of `bufs` a chain of its own and publishes them at once (receive buffers);
+    /// returns whether to notify.
+    pub fn post_each(&mut self, bufs: &[Buf]) -> bool {
+        for &buf in bufs {
+            let head = self.chain(&[buf]);
+            self.push_avail(head);
+        }
+        self.publish()
+    }
+
     /// Moves the cursor `chain` and `indirect` take descriptors from.
     pub fn set_next_desc(&mut self, index: u16) {
         self.next_desc = index % self.size;
@@ -378,6 +388,22 @@ where
     T: BusDevice + ?Sized,
     M: Deref<Target = GuestMemoryMmap>,
 {
+    let (accepted, status) = bring_up_status(t, features, queues);
+    assert_eq!(
+        status & (status::FAILED | status::DEVICE_NEEDS_RESET),
+        0,
+        "the device failed to start"
+    );
+    accepted
+}
+
+/// `bring_up` for a device that may refuse DRIVER_OK: returns the features accepted and the
+/// status read back after DRIVER_OK, unchecked.
+pub fn bring_up_status<T, M>(t: &mut T, features: u64, queues: &[&DriverQueue<M>]) -> (u64, u32)
+where
+    T: BusDevice + ?Sized,
+    M: Deref<Target = GuestMemoryMmap>,
+{
     reg_write(t, reg::STATUS, status::ACKNOWLEDGE);
     reg_write(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
     reg_write(t, reg::DEVICE_FEATURES_SEL, 1);
@@ -397,31 +423,36 @@ where
         "FEATURES_OK refused for {accepted:#x}"
     );
     for (i, q) in queues.iter().enumerate() {
-        reg_write(t, reg::QUEUE_SEL, i as u32);
-        let max = reg_read(t, reg::QUEUE_NUM_MAX);
-        assert!(
-            u32::from(q.size) <= max,
-            "queue {i}: size {} over QueueNumMax {max}",
-            q.size
-        );
-        reg_write(t, reg::QUEUE_NUM, u32::from(q.size));
-        for (lo_reg, hi_reg, addr) in [
-            (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, q.desc),
-            (reg::QUEUE_AVAIL_LOW, reg::QUEUE_AVAIL_HIGH, q.avail),
-            (reg::QUEUE_USED_LOW, reg::QUEUE_USED_HIGH, q.used),
-        ] {
-            reg_write(t, lo_reg, addr as u32);
-            reg_write(t, hi_reg, (addr >> 32) as u32);
-        }
-        reg_write(t, reg::QUEUE_READY, 1);
+        set_up_queue(t, i as u32, q);
     }
     reg_write(t, reg::STATUS, s | status::DRIVER_OK);
-    assert_eq!(
-        reg_read(t, reg::STATUS) & (status::FAILED | status::DEVICE_NEEDS_RESET),
-        0,
-        "the device failed to start"
+    (accepted, reg_read(t, reg::STATUS))
+}
+
+/// Selects queue `index` and gives it `q`'s size (checked against QueueNumMax) and rings,
+/// then marks it ready.
+pub fn set_up_queue<T, M>(t: &mut T, index: u32, q: &DriverQueue<M>)
+where
+    T: BusDevice + ?Sized,
+    M: Deref<Target = GuestMemoryMmap>,
+{
+    reg_write(t, reg::QUEUE_SEL, index);
+    let max = reg_read(t, reg::QUEUE_NUM_MAX);
+    assert!(
+        u32::from(q.size) <= max,
+        "queue {index}: size {} over QueueNumMax {max}",
+        q.size
     );
-    accepted
+    reg_write(t, reg::QUEUE_NUM, u32::from(q.size));
+    for (lo_reg, hi_reg, addr) in [
+        (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, q.desc),
+        (reg::QUEUE_AVAIL_LOW, reg::QUEUE_AVAIL_HIGH, q.avail),
+        (reg::QUEUE_USED_LOW, reg::QUEUE_USED_HIGH, q.used),
+    ] {
+        reg_write(t, lo_reg, addr as u32);
+        reg_write(t, hi_reg, (addr >> 32) as u32);
+    }
+    reg_write(t, reg::QUEUE_READY, 1);
 }
 
 #[cfg(test)]
