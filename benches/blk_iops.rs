@@ -43,7 +43,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{mode_from_args, quick_requested, Mode};
@@ -52,7 +51,6 @@ use criterion::{Criterion, SamplingMode, Throughput};
 use devices::virtio::block::engine::EngineKind;
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::MmioTransport;
-use devices::BusDevice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -67,12 +65,12 @@ const QUEUE_AREA: u64 = 8 << 20;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
-const F_EVENT_IDX: u64 = 1 << 29;
 
 use devices::virtio::mmio::reg;
+use devices::virtio::testing::{
+    bring_up, reg_read, reg_write, write_table, DriverQueue, F_INDIRECT,
+};
+use devices::virtio::VIRTIO_RING_F_EVENT_IDX;
 
 /// xorshift64*: cheap, deterministic per queue.
 struct Rng(u64);
@@ -86,163 +84,111 @@ impl Rng {
     }
 }
 
-/// One virtqueue as the guest driver sees it.
-struct DriverQueue {
-    desc: u64,
-    avail: u64,
-    used: u64,
+/// One virtqueue as the guest's virtio_blk driver sees it: the shared driver queue, plus the
+/// request slots laid out behind it.
+struct BlkQueue {
+    q: DriverQueue<Arc<GuestMemoryMmap>>,
     /// Per request slot k: indirect table, header, status byte, 4 KiB buffer.
     tables: u64,
     headers: u64,
     statuses: u64,
     buffers: u64,
-    avail_idx: u16,
-    last_used: u16,
     in_flight: u32,
     rng: Rng,
     /// The driver polls the used ring and asks for no interrupts (as the test guest does).
     polled: bool,
 }
 
-impl DriverQueue {
-    fn new(index: u64) -> Self {
+impl BlkQueue {
+    /// Queue `index`'s rings (the used ring on a page of its own) and request slots, with
+    /// the fixed parts written: one main descriptor per slot pointing at its indirect table
+    /// of three (header, data, status).
+    fn new(mem: &Arc<GuestMemoryMmap>, index: u64, write: bool) -> Self {
         let base = index * QUEUE_AREA;
-        DriverQueue {
-            desc: base,
-            avail: base + 0x800,
-            used: base + 0x1000,
+        let q =
+            DriverQueue::with_layout(mem.clone(), QUEUE_SIZE, base, base + 0x800, base + 0x1000);
+        let dq = BlkQueue {
+            q,
             tables: base + 0x2000,
             headers: base + 0x4000,
             statuses: base + 0x5000,
             buffers: base + 0x10_0000,
-            avail_idx: 0,
-            last_used: 0,
             in_flight: 0,
             rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (index + 1)),
             polled: false,
-        }
-    }
-
-    /// Writes the fixed parts: one main descriptor per slot pointing at its indirect table of
-    /// three (header, data, status).
-    fn lay_out(&self, mem: &GuestMemoryMmap, write: bool) {
-        let size = u64::from(QUEUE_SIZE);
-        mem.write_slice(
-            &vec![0u8; (self.used + 6 + 8 * size - self.avail) as usize],
-            GuestAddress(self.avail),
-        )
-        .expect("zero the rings");
+        };
         for k in 0..u64::from(QUEUE_DEPTH) {
-            let table = self.tables + 64 * k;
-            desc(mem, self.desc + 16 * k, table, 48, F_INDIRECT, 0);
-            desc(mem, table, self.headers + 16 * k, 16, F_NEXT, 1);
-            let data_flags = if write { F_NEXT } else { F_NEXT | F_WRITE };
-            desc(
+            let table = dq.tables + 64 * k;
+            dq.q.set_desc(k as u16, table, 48, F_INDIRECT, 0);
+            write_table(
                 mem,
-                table + 16,
-                self.buffers + BLOCK * k,
-                BLOCK as u32,
-                data_flags,
-                2,
+                table,
+                &[
+                    (dq.headers + 16 * k, 16, false),
+                    (dq.buffers + BLOCK * k, BLOCK as u32, !write),
+                    (dq.statuses + k, 1, true),
+                ],
             );
-            desc(mem, table + 32, self.statuses + k, 1, F_WRITE, 0);
             let t = if write { T_OUT } else { T_IN };
-            mem.write_obj(t, GuestAddress(self.headers + 16 * k))
+            mem.write_obj(t, GuestAddress(dq.headers + 16 * k))
                 .expect("header");
-            mem.write_obj(0u32, GuestAddress(self.headers + 16 * k + 4))
+            mem.write_obj(0u32, GuestAddress(dq.headers + 16 * k + 4))
                 .expect("header");
             if write {
                 let fill: Vec<u8> = (0..BLOCK).map(|i| (i * 7 + k) as u8).collect();
-                mem.write_slice(&fill, GuestAddress(self.buffers + BLOCK * k))
+                mem.write_slice(&fill, GuestAddress(dq.buffers + BLOCK * k))
                     .expect("data");
             }
         }
+        dq
     }
 
     /// Puts slot `k` in the avail ring with a new random block (not yet published).
-    fn queue_request(&mut self, mem: &GuestMemoryMmap, k: u16) {
+    fn queue_request(&mut self, k: u16) {
         let block = self.rng.next() % (FILE_SIZE / BLOCK);
         let sector = block * (BLOCK / 512);
         let k64 = u64::from(k);
+        let mem = self.q.mem();
         mem.write_obj(sector, GuestAddress(self.headers + 16 * k64 + 8))
             .expect("header");
         mem.write_obj(0xffu8, GuestAddress(self.statuses + k64))
             .expect("status");
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QUEUE_SIZE);
-        mem.write_obj(k, GuestAddress(slot)).expect("avail ring");
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.q.push_avail(k);
         self.in_flight += 1;
     }
 
-    /// Publishes the avail index; true when the device asked to be notified (event index).
-    fn publish(&mut self, mem: &GuestMemoryMmap, old_idx: u16) -> bool {
-        fence(Ordering::Release);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .expect("avail idx");
-        fence(Ordering::SeqCst);
-        let avail_event: u16 = mem
-            .read_obj(GuestAddress(self.used + 4 + 8 * u64::from(QUEUE_SIZE)))
-            .expect("avail_event");
-        // vring_need_event
-        self.avail_idx.wrapping_sub(avail_event).wrapping_sub(1)
-            < self.avail_idx.wrapping_sub(old_idx)
-    }
-
-    fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        let idx = mem.read_obj(GuestAddress(self.used + 2)).expect("used idx");
-        fence(Ordering::Acquire);
-        idx
-    }
-
     /// Takes every completion (checking its status), re-arms the interrupt at the next one
-    /// (used_event), and resubmits each finished slot unless `refill` is false.
-    fn reap(&mut self, mem: &GuestMemoryMmap, refill: bool) -> (u64, bool) {
-        let old_avail = self.avail_idx;
+    /// (used_event), and resubmits each finished slot unless `refill` is false. Returns the
+    /// completions and whether the device asked for a notification (event index).
+    fn reap(&mut self, refill: bool) -> (u64, bool) {
+        let old_avail = self.q.avail_idx();
         let mut done = 0;
         loop {
-            let idx = self.used_idx(mem);
-            while self.last_used != idx {
-                let at = self.used + 4 + 8 * u64::from(self.last_used % QUEUE_SIZE);
-                let id: u32 = mem.read_obj(GuestAddress(at)).expect("used elem");
+            while let Some((id, _)) = self.q.pop_used() {
                 let k = u16::try_from(id)
                     .ok()
                     .filter(|&k| k < QUEUE_DEPTH)
                     .expect("used id");
-                let status: u8 = mem
+                let status: u8 = self
+                    .q
+                    .mem()
                     .read_obj(GuestAddress(self.statuses + u64::from(k)))
                     .expect("status");
                 assert_eq!(status, 0, "request failed with status {status}");
-                self.last_used = self.last_used.wrapping_add(1);
                 self.in_flight -= 1;
                 done += 1;
                 if refill {
-                    self.queue_request(mem, k);
+                    self.queue_request(k);
                 }
             }
-            if self.polled {
-                break;
-            }
             // virtqueue_enable_cb: interrupt me at the next completion, then check again.
-            mem.write_obj(
-                self.last_used,
-                GuestAddress(self.avail + 4 + 2 * u64::from(QUEUE_SIZE)),
-            )
-            .expect("used_event");
-            fence(Ordering::SeqCst);
-            if self.used_idx(mem) == self.last_used {
+            if self.polled || !self.q.enable_cb() {
                 break;
             }
         }
-        let notify = self.avail_idx != old_avail && self.publish(mem, old_avail);
+        let notify = self.q.avail_idx() != old_avail && self.q.publish();
         (done, notify)
     }
-}
-
-fn desc(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
-    mem.write_obj(addr, GuestAddress(at)).expect("desc");
-    mem.write_obj(len, GuestAddress(at + 8)).expect("desc");
-    mem.write_obj(flags, GuestAddress(at + 12)).expect("desc");
-    mem.write_obj(next, GuestAddress(at + 14)).expect("desc");
 }
 
 /// A disk device driven by a guest driver on this thread.
@@ -253,7 +199,7 @@ struct Rig {
     transport: Mutex<MmioTransport>,
     notify: Vec<EventFd>,
     irq: EventFd,
-    queues: Vec<DriverQueue>,
+    queues: Vec<BlkQueue>,
     engine: EngineKind,
     polled: bool,
 }
@@ -275,16 +221,6 @@ const DISK: Driving = Driving {
     device_polls: true,
     polled: false,
 };
-
-fn w(t: &Mutex<MmioTransport>, off: u64, v: u32) {
-    t.lock().expect("transport").write(off, &v.to_le_bytes());
-}
-
-fn r(t: &Mutex<MmioTransport>, off: u64) -> u32 {
-    let mut b = [0u8; 4];
-    t.lock().expect("transport").read(off, &mut b);
-    u32::from_le_bytes(b)
-}
 
 /// IOPS and CPU per request of one side of a comparison.
 struct Figures {
@@ -377,46 +313,22 @@ impl Rig {
             .iter()
             .map(|e| e.try_clone().expect("eventfd"))
             .collect();
-        let t = Mutex::new(transport);
-        // As Linux's virtio_mmio + virtio_blk bring a device up.
-        w(&t, reg::STATUS, 1);
-        w(&t, reg::STATUS, 3);
-        w(&t, reg::DEVICE_FEATURES_SEL, 1);
-        let hi = r(&t, reg::DEVICE_FEATURES);
-        w(&t, reg::DEVICE_FEATURES_SEL, 0);
-        let lo = r(&t, reg::DEVICE_FEATURES);
-        let features = (u64::from(hi) << 32) | u64::from(lo);
+        let mut transport = transport;
+        let mut queues = Vec::new();
+        for q in 0..num_queues {
+            let mut dq = BlkQueue::new(&mem, u64::from(q), write);
+            dq.polled = how.polled;
+            queues.push(dq);
+        }
+        // As Linux's virtio_mmio + virtio_blk bring a device up, accepting all it offers.
+        let rings: Vec<_> = queues.iter().map(|dq| &dq.q).collect();
+        let features = bring_up(&mut transport, u64::MAX, &rings);
         assert_ne!(
-            features & F_EVENT_IDX,
+            features & VIRTIO_RING_F_EVENT_IDX,
             0,
             "the device must offer event index"
         );
-        w(&t, reg::DRIVER_FEATURES_SEL, 1);
-        w(&t, reg::DRIVER_FEATURES, hi);
-        w(&t, reg::DRIVER_FEATURES_SEL, 0);
-        w(&t, reg::DRIVER_FEATURES, lo);
-        w(&t, reg::STATUS, 3 | 8);
-        assert_ne!(r(&t, reg::STATUS) & 8, 0, "FEATURES_OK refused");
-        let mut queues = Vec::new();
-        for q in 0..num_queues {
-            let mut dq = DriverQueue::new(u64::from(q));
-            dq.polled = how.polled;
-            dq.lay_out(&mem, write);
-            w(&t, reg::QUEUE_SEL, u32::from(q));
-            w(&t, reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
-            for (lo_reg, hi_reg, addr) in [
-                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, dq.desc),
-                (reg::QUEUE_AVAIL_LOW, reg::QUEUE_AVAIL_HIGH, dq.avail),
-                (reg::QUEUE_USED_LOW, reg::QUEUE_USED_HIGH, dq.used),
-            ] {
-                w(&t, lo_reg, addr as u32);
-                w(&t, hi_reg, (addr >> 32) as u32);
-            }
-            w(&t, reg::QUEUE_READY, 1);
-            queues.push(dq);
-        }
-        w(&t, reg::STATUS, 3 | 8 | 4);
-        assert_eq!(r(&t, reg::STATUS) & (64 | 128), 0, "device failed to start");
+        let t = Mutex::new(transport);
         Rig {
             depth,
             mem,
@@ -433,14 +345,12 @@ impl Rig {
     /// completions counted, the time they took and the CPU the device side used meanwhile.
     /// Requests still in flight then are drained untimed.
     fn run(&mut self, stop: Stop) -> Run {
-        let mem = self.mem.clone();
         let depth = self.depth;
         for (q, dq) in self.queues.iter_mut().enumerate() {
-            let old = dq.avail_idx;
             for k in 0..depth {
-                dq.queue_request(&mem, k);
+                dq.queue_request(k);
             }
-            if dq.publish(&mem, old) {
+            if dq.q.publish() {
                 self.notify[q].write(1).expect("notify");
             }
         }
@@ -452,7 +362,7 @@ impl Rig {
         loop {
             self.wait_completion();
             for (q, dq) in self.queues.iter_mut().enumerate() {
-                let (n, notify) = dq.reap(&mem, refill);
+                let (n, notify) = dq.reap(refill);
                 if refill {
                     done += n;
                 }
@@ -469,7 +379,7 @@ impl Rig {
                 if !refill {
                     // The measurement ends here; what is in flight is drained untimed.
                     let device_cpu = cpu_start.elapsed();
-                    self.drain(&mem);
+                    self.drain();
                     return Run {
                         ios: done,
                         time: elapsed,
@@ -480,11 +390,11 @@ impl Rig {
         }
     }
 
-    fn drain(&mut self, mem: &GuestMemoryMmap) {
+    fn drain(&mut self) {
         while self.queues.iter().any(|q| q.in_flight > 0) {
             self.wait_completion();
             for dq in &mut self.queues {
-                dq.reap(mem, false);
+                dq.reap(false);
             }
         }
     }
@@ -500,7 +410,7 @@ impl Rig {
             if self
                 .queues
                 .iter()
-                .any(|q| q.in_flight > 0 && q.used_idx(&self.mem) != q.last_used)
+                .any(|dq| dq.in_flight > 0 && dq.q.has_used())
             {
                 return;
             }
@@ -521,8 +431,9 @@ impl Rig {
         let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
         assert!(n == 1, "no interrupt from the device in 10 s");
         let _ = self.irq.read();
-        let status = r(&self.transport, reg::INTERRUPT_STATUS);
-        w(&self.transport, reg::INTERRUPT_ACK, status);
+        let mut t = self.transport.lock().expect("transport");
+        let status = reg_read(&mut *t, reg::INTERRUPT_STATUS);
+        reg_write(&mut *t, reg::INTERRUPT_ACK, status);
     }
 
     /// Reads blocks through the device and compares them with the file (before timing).
@@ -531,14 +442,13 @@ impl Rig {
         let file = File::open(path).expect("open");
         let mem = self.mem.clone();
         let dq = &mut self.queues[0];
-        let old = dq.avail_idx;
         for k in 0..self.depth {
-            dq.queue_request(&mem, k);
+            dq.queue_request(k);
         }
-        if dq.publish(&mem, old) {
+        if dq.q.publish() {
             self.notify[0].write(1).expect("notify");
         }
-        self.drain(&mem);
+        self.drain();
         let dq = &self.queues[0];
         for k in 0..u64::from(self.depth) {
             let sector: u64 = mem

@@ -39,8 +39,9 @@ use devices::virtio::net::worker::{
     NetCounters, PairSetup, QueuePair, RxState, TxState, RX_NEED_PLAIN,
 };
 use devices::virtio::net::{EgressFilter, Ipv4Net, VNET_HDR_LEN};
+use devices::virtio::testing::{DriverQueue, F_WRITE};
 use devices::virtio::Interrupt;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -60,63 +61,29 @@ fn check(ret: libc::c_int, what: &str) {
 }
 
 /// The guest side of a split queue: a fixed descriptor per buffer, heads posted in batches.
-struct Driver {
-    mem: Arc<GuestMemoryMmap>,
-    base: u64,
-    avail_idx: u16,
-}
+struct Driver(DriverQueue<Arc<GuestMemoryMmap>>);
 
 impl Driver {
     fn new(mem: &Arc<GuestMemoryMmap>, base: u64, bufs: u64, len: u32, write: bool) -> Self {
-        for i in 0..u64::from(BATCH) {
-            let d = base + i * 16;
-            mem.write_obj(bufs + i * BUF, GuestAddress(d)).unwrap();
-            mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            mem.write_obj(if write { 2u16 } else { 0 }, GuestAddress(d + 12))
-                .unwrap();
-            mem.write_obj(0u16, GuestAddress(d + 14)).unwrap();
+        let avail = base + 16 * u64::from(BATCH);
+        let q = DriverQueue::with_layout(mem.clone(), BATCH, base, avail, base + 0x2000);
+        for i in 0..BATCH {
+            let flags = if write { F_WRITE } else { 0 };
+            q.set_desc(i, bufs + u64::from(i) * BUF, len, flags, 0);
         }
-        Driver {
-            mem: mem.clone(),
-            base,
-            avail_idx: 0,
-        }
-    }
-
-    fn avail(&self) -> u64 {
-        self.base + 16 * u64::from(BATCH)
-    }
-
-    fn used(&self) -> u64 {
-        self.base + 0x2000
+        Driver(q)
     }
 
     fn queue(&self) -> Queue {
-        let mut q = Queue::new(BATCH).unwrap();
-        q.set_size(BATCH);
-        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-        let (lo, hi) = split(self.base);
-        q.set_desc_table_address(lo, hi);
-        let (lo, hi) = split(self.avail());
-        q.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(self.used());
-        q.set_used_ring_address(lo, hi);
-        q.set_ready(true);
-        assert!(q.is_valid(self.mem.as_ref()));
-        q
+        self.0.queue()
     }
 
     /// Makes every descriptor available again (the device used them all last time).
     fn post_all(&mut self) {
         for i in 0..BATCH {
-            let slot = self.avail() + 4 + 2 * u64::from(self.avail_idx % BATCH);
-            self.mem.write_obj(i, GuestAddress(slot)).unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
+            self.0.push_avail(i);
         }
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(self.avail() + 2))
-            .unwrap();
+        self.0.publish();
     }
 }
 

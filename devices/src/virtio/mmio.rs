@@ -364,9 +364,9 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::testing::{reg_read as r, reg_write as w, set_up_queue, DriverQueue};
     use crate::virtio::{read_config_bytes, ActivateError};
     use std::sync::Mutex;
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
     #[derive(Default)]
@@ -415,17 +415,8 @@ mod tests {
         (t, probe, mem)
     }
 
-    fn r(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut d = [0u8; 4];
-        t.read(off, &mut d);
-        u32::from_le_bytes(d)
-    }
-
-    fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    /// Drives the transport exactly as Linux's virtio_mmio driver does.
+    /// Drives the transport as Linux's virtio_mmio driver does, but writes `features_hi`
+    /// whatever the device offers (the refusals are what some tests check).
     fn bring_up(t: &mut MmioTransport, mem: &GuestMemoryMmap, features_hi: u32) {
         w(t, reg::STATUS, status::ACKNOWLEDGE);
         w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
@@ -438,14 +429,9 @@ mod tests {
             reg::STATUS,
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
-        let q = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
         w(t, reg::QUEUE_SEL, 0);
         assert_eq!(r(t, reg::QUEUE_NUM_MAX), 16);
-        w(t, reg::QUEUE_NUM, 16);
-        w(t, reg::QUEUE_DESC_LOW, q.desc_table_addr().0 as u32);
-        w(t, reg::QUEUE_AVAIL_LOW, q.avail_addr().0 as u32);
-        w(t, reg::QUEUE_USED_LOW, q.used_addr().0 as u32);
-        w(t, reg::QUEUE_READY, 1);
+        set_up_queue(t, 0, &DriverQueue::new(mem, 0x1000, 16));
         w(
             t,
             reg::STATUS,

@@ -11,6 +11,8 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod vsock;
 pub mod worker;
 

@@ -329,19 +329,12 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::testing::DriverQueue;
     use std::io::Write;
     use std::time::{Duration, Instant};
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
     const MEM: usize = 0x40_0000;
-
-    fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
-        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
-    }
 
     #[test]
     fn fills_chains_from_the_source_and_survives_bad_ones() {
@@ -354,38 +347,22 @@ mod tests {
             .unwrap();
         let mut rng = Rng::new(&path).unwrap();
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap());
-        let vq = MockSplitQueue::create(mem.as_ref(), GuestAddress(0), 16);
+        let mut vq = DriverQueue::new(mem.as_ref(), 0, 16);
         // A: one 4 KiB buffer. B: 16 bytes then 100000 (capped at 64 KiB in all). C: a
         // descriptor the device may not write. D: outside guest memory. E: what the file has left.
-        let chains: Vec<Vec<RawDescriptor>> = vec![
-            vec![desc(0x10_0000, 4096, true)],
-            vec![desc(0x11_0000, 16, true), desc(0x12_0000, 100_000, true)],
-            vec![desc(0x20_0000, 64, false)],
-            vec![desc(MEM as u64 + 0x1000, 64, true)],
-            vec![desc(0x30_0000, 1000, true)],
+        let chains: [&[(u64, u32, bool)]; 5] = [
+            &[(0x10_0000, 4096, true)],
+            &[(0x11_0000, 16, true), (0x12_0000, 100_000, true)],
+            &[(0x20_0000, 64, false)],
+            &[(MEM as u64 + 0x1000, 64, true)],
+            &[(0x30_0000, 1000, true)],
         ];
-        let mut at = 0u16;
-        for c in &chains {
-            let mut c = c.clone();
-            let n = c.len();
-            for (i, d) in c.iter_mut().enumerate() {
-                let s = SplitDescriptor::from(*d);
-                let flags = if i + 1 < n {
-                    s.flags() | virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16
-                } else {
-                    s.flags()
-                };
-                *d = RawDescriptor::from(SplitDescriptor::new(
-                    s.addr().0,
-                    s.len(),
-                    flags,
-                    at + i as u16 + 1,
-                ));
-            }
-            vq.add_desc_chains(&c, at).unwrap();
-            at += n as u16;
+        for c in chains {
+            let head = vq.chain(c);
+            vq.push_avail(head);
         }
-        let queue: Queue = vq.create_queue().unwrap();
+        vq.publish();
+        let queue = vq.queue();
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         rng.activate(ActivateContext {
@@ -397,16 +374,14 @@ mod tests {
         .unwrap();
         kick.write(1).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while vq.used().idx().load() < 5 {
+        while vq.used_idx() < 5 {
             assert!(
                 Instant::now() < deadline,
                 "the device did not answer every chain"
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        let lens: Vec<u32> = (0..5)
-            .map(|i| vq.used().ring().ref_at(i).unwrap().load().len())
-            .collect();
+        let lens: Vec<u32> = (0..5).map(|i| vq.used_elem(i).1).collect();
         assert_eq!(lens, [4096, 65536, 0, 0, 70_000 - 4096 - 65536]);
         let mut got = vec![0u8; 4096];
         mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();

@@ -1,5 +1,5 @@
 //! virtio-blk driven exactly as a driver would: descriptor chains written into guest memory
-//! (virtio-queue's `MockSplitQueue` lays out the rings), the avail index bumped, the worker
+//! (laid out by the shared test driver, `virtio::testing`), the avail index bumped, the worker
 //! run, then the used ring, the status bytes and the host file checked. Every I/O test runs
 //! on both engines (io_uring, where the kernel allows it, and the synchronous one).
 //!
@@ -11,18 +11,12 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::bindings::virtio_ring::{
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
-};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,6 +26,9 @@ use super::request::{
     ID_BYTES, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES,
 };
 use super::{Block, BlockConfig, BlockCounters, OpenDisk, Worker};
+use crate::virtio::testing::{
+    write_desc, DriverQueue, F_INDIRECT, F_NEXT, F_WRITE, USED_F_NO_NOTIFY,
+};
 use crate::virtio::{Interrupt, VirtioDevice, INT_USED_RING};
 
 const MEM_SIZE: usize = 16 << 20;
@@ -94,133 +91,37 @@ fn engines() -> Vec<EngineKind> {
     }
 }
 
-/// The driver side of one split queue. `MockSplitQueue` writes the descriptor table; the
-/// rings are laid out here, because the mock of virtio-queue 0.18 puts its used ring inside
-/// its avail ring (its ring `end()` counts elements, not bytes), which a driver that
-/// publishes more than half a queue of chains runs into.
+/// The virtio_blk driver on one queue: the shared driver queue, plus where its requests'
+/// headers, status bytes and data go.
 struct Driver<'a> {
+    q: DriverQueue<&'a GuestMemoryMmap>,
     mem: &'a GuestMemoryMmap,
-    vq: MockSplitQueue<'a, GuestMemoryMmap>,
-    desc_addr: u64,
-    avail_addr: u64,
-    used_addr: u64,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
     /// Where this driver's headers/status bytes/data go (distinct per queue).
     area: u64,
     requests: u64,
 }
 
+impl<'a> std::ops::Deref for Driver<'a> {
+    type Target = DriverQueue<&'a GuestMemoryMmap>;
+    fn deref(&self) -> &Self::Target {
+        &self.q
+    }
+}
+
+impl std::ops::DerefMut for Driver<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.q
+    }
+}
+
 impl<'a> Driver<'a> {
     fn new(mem: &'a GuestMemoryMmap, queue_addr: u64, area: u64) -> Self {
-        let size = u64::from(QSIZE);
-        let avail_addr = queue_addr + 16 * size;
-        let used_addr = (avail_addr + 6 + 2 * size).next_multiple_of(4);
-        // Zeroed rings, as a driver allocates them.
-        mem.write_slice(
-            &vec![0u8; (used_addr + 6 + 8 * size - avail_addr) as usize],
-            GuestAddress(avail_addr),
-        )
-        .unwrap();
         Driver {
+            q: DriverQueue::new(mem, queue_addr, QSIZE),
             mem,
-            vq: MockSplitQueue::create(mem, GuestAddress(queue_addr), QSIZE),
-            desc_addr: queue_addr,
-            avail_addr,
-            used_addr,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
             area,
             requests: 0,
         }
-    }
-
-    fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(
-            Some(self.desc_addr as u32),
-            Some((self.desc_addr >> 32) as u32),
-        );
-        q.set_avail_ring_address(
-            Some(self.avail_addr as u32),
-            Some((self.avail_addr >> 32) as u32),
-        );
-        q.set_used_ring_address(
-            Some(self.used_addr as u32),
-            Some((self.used_addr >> 32) as u32),
-        );
-        q.set_ready(true);
-        assert!(q.is_valid(self.mem));
-        q
-    }
-
-    fn store(&self, index: u16, addr: u64, len: u32, flags: u32, next: u16) {
-        self.vq
-            .desc_table()
-            .store(
-                index,
-                RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next)),
-            )
-            .unwrap();
-    }
-
-    /// Writes `descs` (addr, len, device-writable) as one chain; returns its head.
-    fn chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (i, &(addr, len, write)) in descs.iter().enumerate() {
-            let index = (self.next_desc + i as u16) % QSIZE;
-            let last = i + 1 == descs.len();
-            let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
-            if !last {
-                flags |= VRING_DESC_F_NEXT;
-            }
-            self.store(index, addr, len, flags, (index + 1) % QSIZE);
-        }
-        self.next_desc = (self.next_desc + descs.len() as u16) % QSIZE;
-        head
-    }
-
-    /// Puts `head` in the avail ring and publishes it.
-    fn publish(&mut self, head: u16) {
-        let ring = self.avail_addr + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem.write_obj(head, GuestAddress(ring)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(self.avail_idx);
-    }
-
-    fn set_avail_idx(&self, idx: u16) {
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem
-            .write_obj(idx, GuestAddress(self.avail_addr + 2))
-            .unwrap();
-    }
-
-    fn used_idx(&self) -> u16 {
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem.read_obj(GuestAddress(self.used_addr + 2)).unwrap()
-    }
-
-    /// The driver's `used_event` (event index): interrupt me once used idx passes it.
-    fn set_used_event(&self, v: u16) {
-        let addr = self.avail_addr + 4 + 2 * u64::from(QSIZE);
-        self.mem.write_obj(v, GuestAddress(addr)).unwrap();
-    }
-
-    /// Used entries (head, len) added since the last call.
-    fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let idx = self.used_idx();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let at = self.used_addr + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            out.push((id, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
     }
 
     /// A header address, status address (preset to 0xff) and data area (128 KiB), reused
@@ -257,7 +158,7 @@ impl<'a> Driver<'a> {
         }
         descs.push((status, 1, true));
         let head = self.chain(&descs);
-        self.publish(head);
+        self.submit(head);
         (head, status, data)
     }
 
@@ -397,7 +298,7 @@ fn reads_and_writes_match_the_host_file() {
                 (data + 4608, 1536, false),
                 (status, 1, true),
             ]);
-            d.publish(head);
+            d.submit(head);
             (head, status, data)
         };
         rig.run();
@@ -473,7 +374,7 @@ fn any_framing_is_accepted() {
             (buf + 16 + 512, 512, false),
             (status, 1, true),
         ]);
-        d.publish(head);
+        d.submit(head);
         rig.run();
         assert_eq!(d.take_used(), vec![(u32::from(head), 1)]);
         assert_eq!(d.status(status), S_OK);
@@ -484,7 +385,7 @@ fn any_framing_is_accepted() {
         d.header(hdr, T_IN, 4);
         mem.write_obj(0xffu8, GuestAddress(data + 512)).unwrap();
         let head = d.chain(&[(hdr, 16, false), (data, 513, true)]);
-        d.publish(head);
+        d.submit(head);
         rig.run();
         assert_eq!(d.take_used(), vec![(u32::from(head), 513)]);
         assert_eq!(d.status(data + 512), S_OK, "status is the last byte");
@@ -754,10 +655,7 @@ fn event_index_suppresses_interrupts_the_driver_does_not_want() {
         );
         assert_eq!(rig.irq.read().unwrap(), 1);
         // The device asks to be notified from its next avail entry on (avail_event).
-        let avail_event: u16 = mem
-            .read_obj(GuestAddress(d.used_addr + 4 + 8 * u64::from(QSIZE)))
-            .unwrap();
-        assert_eq!(avail_event, 4);
+        assert_eq!(d.avail_event(), 4);
     }
 }
 
@@ -779,10 +677,10 @@ fn cases() -> Vec<Case> {
             build: |d, _| {
                 let (hdr, status, data) = d.slot();
                 d.header(hdr, T_IN, 0);
-                d.store(0, hdr, 16, VRING_DESC_F_NEXT, 1);
-                d.store(1, data, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
-                d.store(2, status, 1, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 0);
-                d.publish(0);
+                d.set_desc(0, hdr, 16, F_NEXT, 1);
+                d.set_desc(1, data, 512, F_NEXT | F_WRITE, 2);
+                d.set_desc(2, status, 1, F_NEXT | F_WRITE, 0);
+                d.submit(0);
                 None
             },
             status: None,
@@ -792,10 +690,10 @@ fn cases() -> Vec<Case> {
             build: |d, _| {
                 let (hdr, status, data) = d.slot();
                 d.header(hdr, T_IN, 0);
-                d.store(0, hdr, 16, VRING_DESC_F_NEXT, 1);
-                d.store(1, data, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
-                d.store(2, status, 1, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 1);
-                d.publish(0);
+                d.set_desc(0, hdr, 16, F_NEXT, 1);
+                d.set_desc(1, data, 512, F_NEXT | F_WRITE, 2);
+                d.set_desc(2, status, 1, F_NEXT | F_WRITE, 1);
+                d.submit(0);
                 None
             },
             status: None,
@@ -805,9 +703,9 @@ fn cases() -> Vec<Case> {
             build: |d, _| {
                 let (hdr, status, _) = d.slot();
                 d.header(hdr, T_FLUSH, 0);
-                d.store(0, hdr, 16, VRING_DESC_F_NEXT, 200);
-                d.store(1, status, 1, VRING_DESC_F_WRITE, 0);
-                d.publish(0);
+                d.set_desc(0, hdr, 16, F_NEXT, 200);
+                d.set_desc(1, status, 1, F_WRITE, 0);
+                d.submit(0);
                 None
             },
             status: None,
@@ -818,7 +716,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, status, _) = d.slot();
                 d.header(hdr, T_IN, 0);
                 let head = d.chain(&[(hdr, 16, false), (1 << 40, 512, true), (status, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -833,7 +731,7 @@ fn cases() -> Vec<Case> {
                     (MEM_SIZE as u64 - 512, 1024, false),
                     (status, 1, true),
                 ]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -848,7 +746,7 @@ fn cases() -> Vec<Case> {
                     (u64::MAX - 255, 512, true),
                     (status, 1, true),
                 ]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -858,7 +756,7 @@ fn cases() -> Vec<Case> {
             build: |d, _| {
                 let (_, status, data) = d.slot();
                 let head = d.chain(&[(1 << 40, 16, false), (data, 512, true), (status, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -869,7 +767,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, _, data) = d.slot();
                 d.header(hdr, T_IN, 0);
                 let head = d.chain(&[(hdr, 16, false), (data, 512, true), (1 << 40, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 None
             },
             status: None,
@@ -880,7 +778,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, status, data) = d.slot();
                 d.header(hdr, T_IN, 0);
                 let head = d.chain(&[(hdr, 16, false), (data, 512, false), (status, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -891,7 +789,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, status, data) = d.slot();
                 d.header(hdr, T_OUT, 0);
                 let head = d.chain(&[(hdr, 16, false), (data, 512, true), (status, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -902,7 +800,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, status, data) = d.slot();
                 d.header(hdr, T_IN, 0);
                 let head = d.chain(&[(hdr, 16, true), (data, 512, true), (status, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -918,7 +816,7 @@ fn cases() -> Vec<Case> {
                     (data + 512, 512, false),
                     (status, 1, true),
                 ]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -929,7 +827,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, status, data) = d.slot();
                 d.header(hdr, T_IN, 0);
                 let head = d.chain(&[(hdr, 8, false), (data, 512, true), (status, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -940,7 +838,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, _, _) = d.slot();
                 d.header(hdr, T_FLUSH, 0);
                 let head = d.chain(&[(hdr, 16, false)]);
-                d.publish(head);
+                d.submit(head);
                 None
             },
             status: None,
@@ -951,7 +849,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, status, data) = d.slot();
                 d.header(hdr, T_IN, 0);
                 let head = d.chain(&[(hdr, 16, false), (data, 512, true), (status, 0, true)]);
-                d.publish(head);
+                d.submit(head);
                 None
             },
             status: None,
@@ -962,7 +860,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, status, _) = d.slot();
                 d.header(hdr, T_FLUSH, 0);
                 let head = d.chain(&[(hdr, 16, false), (status, 1, false)]);
-                d.publish(head);
+                d.submit(head);
                 None
             },
             status: None,
@@ -973,7 +871,7 @@ fn cases() -> Vec<Case> {
                 let (hdr, status, data) = d.slot();
                 d.header(hdr, T_IN, 0);
                 let head = d.chain(&[(hdr, 16, false), (data, 511, true), (status, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -1006,7 +904,7 @@ fn cases() -> Vec<Case> {
                 // As large as a chain may be (4 GiB - 1 in all), far beyond guest memory.
                 let len = u32::MAX - 16 - 1;
                 let head = d.chain(&[(hdr, 16, false), (data, len, true), (status, 1, true)]);
-                d.publish(head);
+                d.submit(head);
                 Some(status)
             },
             status: Some(S_IOERR),
@@ -1022,7 +920,7 @@ fn cases() -> Vec<Case> {
                     (data, 0x8000_0000, true),
                     (status, 1, true),
                 ]);
-                d.publish(head);
+                d.submit(head);
                 None
             },
             status: None,
@@ -1045,8 +943,8 @@ fn cases() -> Vec<Case> {
         Case {
             name: "indirect table outside guest memory",
             build: |d, _| {
-                d.store(0, 1 << 40, 48, VRING_DESC_F_INDIRECT, 0);
-                d.publish(0);
+                d.set_desc(0, 1 << 40, 48, F_INDIRECT, 0);
+                d.submit(0);
                 None
             },
             status: None,
@@ -1057,8 +955,8 @@ fn cases() -> Vec<Case> {
                 indirect(d, 32, |d, table| {
                     let (hdr, _, _) = d.slot();
                     d.header(hdr, T_FLUSH, 0);
-                    put(d, table, 0, hdr, 16, VRING_DESC_F_NEXT, 1);
-                    put(d, table, 1, table, 32, VRING_DESC_F_INDIRECT, 0);
+                    put(d, table, 0, hdr, 16, F_NEXT, 1);
+                    put(d, table, 1, table, 32, F_INDIRECT, 0);
                 })
             },
             status: None,
@@ -1069,7 +967,7 @@ fn cases() -> Vec<Case> {
                 indirect(d, 32, |d, table| {
                     let (hdr, _, _) = d.slot();
                     d.header(hdr, T_FLUSH, 0);
-                    put(d, table, 0, hdr, 16, VRING_DESC_F_NEXT, 9);
+                    put(d, table, 0, hdr, 16, F_NEXT, 9);
                 })
             },
             status: None,
@@ -1080,16 +978,8 @@ fn cases() -> Vec<Case> {
                 indirect(d, 48, |d, table| {
                     let (hdr, status, _) = d.slot();
                     d.header(hdr, T_FLUSH, 0);
-                    put(d, table, 0, hdr, 16, VRING_DESC_F_NEXT, 1);
-                    put(
-                        d,
-                        table,
-                        1,
-                        status,
-                        1,
-                        VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
-                        0,
-                    );
+                    put(d, table, 0, hdr, 16, F_NEXT, 1);
+                    put(d, table, 1, status, 1, F_NEXT | F_WRITE, 0);
                 })
             },
             status: None,
@@ -1102,14 +992,13 @@ fn cases() -> Vec<Case> {
 fn indirect(d: &mut Driver, len: u32, fill: impl Fn(&mut Driver, u64)) -> Option<u64> {
     let table = d.area + 0x80_000 + 0x1000 * d.requests;
     fill(d, table);
-    d.store(0, table, len, VRING_DESC_F_INDIRECT, 0);
-    d.publish(0);
+    d.set_desc(0, table, len, F_INDIRECT, 0);
+    d.submit(0);
     None
 }
 
-fn put(d: &Driver, table: u64, i: u64, addr: u64, len: u32, flags: u32, next: u16) {
-    let desc = RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next));
-    d.mem.write_obj(desc, GuestAddress(table + 16 * i)).unwrap();
+fn put(d: &Driver, table: u64, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    write_desc(d.mem, table + 16 * i, addr, len, flags, next);
 }
 
 #[test]
@@ -1181,10 +1070,10 @@ fn hostile_status_byte_untouched_when_there_is_none() {
     mem.write_obj(0x5au8, GuestAddress(status)).unwrap();
     mem.write_slice(&[0x77; 512], GuestAddress(data)).unwrap();
     d.header(hdr, T_IN, 0);
-    d.store(0, hdr, 16, VRING_DESC_F_NEXT, 1);
-    d.store(1, data, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 2);
-    d.store(2, status, 1, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 1);
-    d.publish(0);
+    d.set_desc(0, hdr, 16, F_NEXT, 1);
+    d.set_desc(1, data, 512, F_NEXT | F_WRITE, 2);
+    d.set_desc(2, status, 1, F_NEXT | F_WRITE, 1);
+    d.submit(0);
     rig.run();
     assert_eq!(d.take_used(), vec![(0, 0)]);
     assert_eq!(d.status(status), 0x5a);
@@ -1202,7 +1091,7 @@ fn hostile_avail_index_jump_needs_reset_and_other_queues_keep_working() {
         let disk = TestFile::new(1 << 20, pattern(3));
         let blk = block(&disk.0, false, kind);
         let mem = new_mem();
-        let d0 = Driver::new(&mem, 0x1000, 0);
+        let mut d0 = Driver::new(&mem, 0x1000, 0);
         let mut d1 = Driver::new(&mem, 0x3000, 0x80_0000);
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let shared = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
@@ -1250,7 +1139,7 @@ fn hostile_head_index_outside_the_table_needs_reset() {
     let mem = new_mem();
     let mut d = Driver::new(&mem, 0x1000, 0);
     let mut rig = rig_with(&mem, d.queue(), &blk, EngineKind::Sync, None);
-    d.publish(QSIZE + 3);
+    d.submit(QSIZE + 3);
     rig.run();
     assert!(rig.interrupt.needs_reset());
     assert_eq!(d.used_idx(), 0);
@@ -1268,19 +1157,11 @@ fn valid_indirect_chain_is_served() {
         let (hdr, status, data) = d.slot();
         d.header(hdr, T_IN, 6);
         let table = 0x90_000;
-        put(&d, table, 0, hdr, 16, VRING_DESC_F_NEXT, 1);
-        put(
-            &d,
-            table,
-            1,
-            data,
-            2048,
-            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
-            2,
-        );
-        put(&d, table, 2, status, 1, VRING_DESC_F_WRITE, 0);
-        d.store(5, table, 48, VRING_DESC_F_INDIRECT, 0);
-        d.publish(5);
+        put(&d, table, 0, hdr, 16, F_NEXT, 1);
+        put(&d, table, 1, data, 2048, F_NEXT | F_WRITE, 2);
+        put(&d, table, 2, status, 1, F_WRITE, 0);
+        d.set_desc(5, table, 48, F_INDIRECT, 0);
+        d.submit(5);
         rig.run();
         assert_eq!(d.take_used(), vec![(5, 2049)]);
         assert_eq!(d.status(status), S_OK);
@@ -1382,7 +1263,7 @@ fn hostile_buffers_at_the_edge_of_guest_memory_never_reach_past_it() {
                     (data, len, t == T_IN || t == T_GET_ID),
                     (status, 1, true),
                 ]);
-                d.publish(head);
+                d.submit(head);
             }
             rig.run();
             let used = d.take_used();
@@ -1397,7 +1278,7 @@ fn hostile_buffers_at_the_edge_of_guest_memory_never_reach_past_it() {
             mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
             let data = end - 4096 - 512;
             let head = d.chain(&[(hdr, 16, false), (data, 512, true), (status, 1, true)]);
-            d.publish(head);
+            d.submit(head);
             rig.run();
             assert_eq!(d.status(status), S_OK, "{kind:?} {:?}", rig.counters);
             assert_eq!(d.take_used(), vec![(u32::from(head), 513)]);
@@ -1412,77 +1293,16 @@ fn hostile_buffers_at_the_edge_of_guest_memory_never_reach_past_it() {
 mod transport {
     use super::*;
     use crate::virtio::mmio::MmioTransport;
-    use crate::virtio::status;
-    use crate::BusDevice;
+    use crate::virtio::testing;
 
-    pub fn w(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    pub fn r(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
+    pub use crate::virtio::testing::{reg_read as r, reg_write as w};
 
     /// Brings the device up as Linux's virtio_mmio + virtio_blk drivers do, with one
-    /// queue per driver in `drivers`.
+    /// queue per driver in `drivers`, accepting everything offered but event index (so
+    /// every completion interrupts).
     pub fn bring_up(t: &mut MmioTransport, drivers: &[&Driver]) {
-        w(t, 0x70, status::ACKNOWLEDGE);
-        w(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-        w(t, 0x14, 1);
-        let hi = r(t, 0x10);
-        w(t, 0x14, 0);
-        let lo = r(t, 0x10);
-        // Accept everything offered but event index (so every completion interrupts).
-        let accept =
-            (u64::from(hi) << 32 | u64::from(lo)) & !crate::virtio::VIRTIO_RING_F_EVENT_IDX;
-        w(t, 0x24, 1);
-        w(t, 0x20, (accept >> 32) as u32);
-        w(t, 0x24, 0);
-        w(t, 0x20, accept as u32);
-        w(
-            t,
-            0x70,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
-        assert_ne!(r(t, 0x70) & status::FEATURES_OK, 0);
-        for (i, d) in drivers.iter().enumerate() {
-            w(t, 0x30, i as u32);
-            w(t, 0x38, u32::from(QSIZE));
-            w(t, 0x80, d.desc_addr as u32);
-            w(t, 0x90, d.avail_addr as u32);
-            w(t, 0xa0, d.used_addr as u32);
-            w(t, 0x44, 1);
-        }
-        w(
-            t,
-            0x70,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
-        );
-        assert_eq!(
-            r(t, 0x70) & (status::FAILED | status::DEVICE_NEEDS_RESET),
-            0
-        );
-    }
-
-    /// Waits for `n` new used entries, as the guest's interrupt handler would.
-    pub fn wait_used(d: &mut Driver, irq: &EventFd, n: usize) -> Vec<(u32, u32)> {
-        let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while got.len() < n {
-            assert!(Instant::now() < deadline, "no completion in 10 s");
-            let mut pfd = libc::pollfd {
-                fd: irq.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, 100) };
-            let _ = irq.read();
-            got.extend(d.take_used());
-        }
-        got
+        let queues: Vec<_> = drivers.iter().map(|d| &d.q).collect();
+        testing::bring_up(t, !crate::virtio::VIRTIO_RING_F_EVENT_IDX, &queues);
     }
 
     pub fn transport(
@@ -1528,8 +1348,8 @@ fn worker_threads(kind: EngineKind) {
     // The notify writes (an ioeventfd in a VM).
     t.queue_events()[0].write(1).unwrap();
     t.queue_events()[1].write(1).unwrap();
-    transport::wait_used(&mut d0, &irq, 1);
-    transport::wait_used(&mut d1, &irq, 1);
+    d0.wait_used(&irq, 1);
+    d1.wait_used(&irq, 1);
     assert_eq!((d0.status(st0), d1.status(st1)), (S_OK, S_OK));
     assert_eq!(guest_read(&mem, b0, 4096), host_read(&disk.0, 0, 4096));
     assert_eq!(guest_read(&mem, b1, 4096), host_read(&disk.0, 4096, 4096));
@@ -1561,10 +1381,6 @@ fn a_polling_worker_serves_requests_it_was_not_notified_of_and_listens_when_idle
         let mut d = Driver::new(&mem, 0x1000, 0);
         let (mut t, _irq, counters) = transport::transport(&disk.0, &mem, 1, Some(kind));
         transport::bring_up(&mut t, &[&d]);
-        let used_flags = |d: &Driver| -> u16 {
-            std::sync::atomic::fence(Ordering::SeqCst);
-            mem.read_obj(GuestAddress(d.used_addr)).unwrap()
-        };
         let (mut notifies, mut done, total) = (0u64, 0u64, 2000u64);
         let mut inflight = std::collections::VecDeque::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1582,7 +1398,7 @@ fn a_polling_worker_serves_requests_it_was_not_notified_of_and_listens_when_idle
                     }
                 }
                 // An idle worker listens again (within its poll window, or once scheduled).
-                while used_flags(&d) & VRING_USED_F_NO_NOTIFY as u16 != 0 {
+                while d.used_flags() & USED_F_NO_NOTIFY != 0 {
                     assert!(Instant::now() < deadline, "{kind:?}: idle, and still deaf");
                     std::thread::sleep(Duration::from_micros(100));
                 }
@@ -1600,13 +1416,13 @@ fn a_polling_worker_serves_requests_it_was_not_notified_of_and_listens_when_idle
             let sector = (i * 8) % 2040;
             let (_, status, buf) = d.request(T_IN, sector, &[4096]);
             inflight.push_back((status, buf, sector));
-            if used_flags(&d) & VRING_USED_F_NO_NOTIFY as u16 == 0 {
+            if d.used_flags() & USED_F_NO_NOTIFY == 0 {
                 notifies += 1;
                 t.queue_events()[0].write(1).unwrap();
             }
             if i % 97 == 0 {
                 // Check one request's data once it is back.
-                while d.used_idx() != d.avail_idx {
+                while d.used_idx() != d.avail_idx() {
                     assert!(
                         Instant::now() < deadline,
                         "{kind:?}: request {i} never completed"
@@ -1619,7 +1435,7 @@ fn a_polling_worker_serves_requests_it_was_not_notified_of_and_listens_when_idle
                 );
             }
         }
-        while d.used_seen != d.avail_idx {
+        while d.used_seen() != d.avail_idx() {
             assert!(
                 Instant::now() < deadline,
                 "{kind:?}: requests never completed"
@@ -1668,14 +1484,14 @@ fn kill9_child() {
             statuses.push(st);
         }
         t.queue_events()[0].write(1).unwrap();
-        transport::wait_used(&mut d, &irq, statuses.len());
+        d.wait_used(&irq, statuses.len());
         let got: Vec<u8> = statuses.iter().map(|&s| d.status(s)).collect();
         assert!(got.iter().all(|&s| s == S_OK), "{got:?} {:?}", counters);
     }
     // Now the FLUSH, as Linux issues it: after the writes completed.
     let (_, st, _) = d.request(T_FLUSH, 0, &[]);
     t.queue_events()[0].write(1).unwrap();
-    transport::wait_used(&mut d, &irq, 1);
+    d.wait_used(&irq, 1);
     assert_eq!(d.status(st), S_OK);
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -1692,7 +1508,7 @@ fn kill9_child() {
         let (_, _, buf) = d.request(T_OUT, 1024, &[4096]);
         mem.write_slice(&[0xee; 4096], GuestAddress(buf)).unwrap();
         let _ = t.queue_events()[0].write(1);
-        transport::wait_used(&mut d, &irq, 1);
+        d.wait_used(&irq, 1);
     }
 }
 

@@ -128,65 +128,43 @@ fn write_error(mem: &GuestMemoryMmap, at: GuestAddress, unique: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
+    use crate::virtio::testing::DriverQueue;
 
     const MEM: usize = 0x10_0000;
-
-    fn desc(addr: u64, len: u32, write: bool, next: Option<u16>) -> RawDescriptor {
-        let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-        if next.is_some() {
-            flags |= VRING_DESC_F_NEXT as u16;
-        }
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next.unwrap_or(0)))
-    }
 
     /// What a hostile or broken driver may post once the back-end is gone: each chain is
     /// returned, with an EIO reply where there is room and a request header to answer.
     #[test]
     fn hostile_chains_are_returned_without_reading_or_writing_out_of_bounds() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let mut vq = DriverQueue::new(&mem, 0, 16);
         let mut header = [0u8; IN_HEADER_LEN];
         header[8..16].copy_from_slice(&77u64.to_le_bytes());
         mem.write_slice(&header, GuestAddress(0x8000)).unwrap();
         mem.write_slice(&[0xaa; 64], GuestAddress(0x9000)).unwrap();
-        let chains: Vec<Vec<RawDescriptor>> = vec![
+        let chains: [&[(u64, u32, bool)]; 5] = [
             // A good request: header, then room for the reply.
-            vec![
-                desc(0x8000, 40, false, Some(1)),
-                desc(0x9000, 64, true, None),
-            ],
+            &[(0x8000, 40, false), (0x9000, 64, true)],
             // No room for a reply (a FORGET): returned unread.
-            vec![desc(0x8000, 40, false, None)],
+            &[(0x8000, 40, false)],
             // A reply buffer too small for the out header.
-            vec![
-                desc(0x8000, 40, false, Some(4)),
-                desc(0xa000, 8, true, None),
-            ],
+            &[(0x8000, 40, false), (0xa000, 8, true)],
             // A header outside guest memory: nothing to answer.
-            vec![
-                desc(MEM as u64 + 0x1000, 40, false, Some(6)),
-                desc(0xb000, 64, true, None),
-            ],
+            &[(MEM as u64 + 0x1000, 40, false), (0xb000, 64, true)],
             // A reply buffer outside guest memory.
-            vec![
-                desc(0x8000, 40, false, Some(8)),
-                desc(MEM as u64 - 8, 64, true, None),
-            ],
+            &[(0x8000, 40, false), (MEM as u64 - 8, 64, true)],
         ];
-        let mut at = 0u16;
-        for c in &chains {
-            vq.add_desc_chains(c, at).unwrap();
-            at += c.len() as u16;
+        for c in chains {
+            let head = vq.chain(c);
+            vq.push_avail(head);
         }
-        let mut q: Queue = vq.create_queue().unwrap();
+        vq.publish();
+        let mut q: Queue = vq.queue();
         take_over(&mut q, &mem).unwrap();
         let done = answer_all(&mut q, &mem).unwrap();
         assert_eq!(done.requests, 1);
         assert_eq!(done.without_reply, 4);
-        assert_eq!(vq.used().idx().load(), 5);
+        assert_eq!(vq.used_idx(), 5);
         let mut reply = [0u8; 16];
         mem.read_slice(&mut reply, GuestAddress(0x9000)).unwrap();
         assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 16);

@@ -11,14 +11,12 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
+use crate::virtio::testing::DriverQueue;
 use crate::virtio::{Interrupt, INT_USED_RING};
 
 const MEM: usize = 0x80_0000;
@@ -108,23 +106,20 @@ fn shared_memory() -> Arc<GuestMemoryMmap> {
 /// The driver's side: two queues (high priority, one request queue) in guest memory.
 struct Driver {
     mem: Arc<GuestMemoryMmap>,
-    rings: Vec<MockSplitQueue<'static, GuestMemoryMmap>>,
+    rings: Vec<DriverQueue<Arc<GuestMemoryMmap>>>,
     interrupt: Arc<Interrupt>,
-    next_desc: [u16; 2],
 }
 
 impl Driver {
     fn new(mem: Arc<GuestMemoryMmap>) -> (Driver, ActivateContext, Vec<EventFd>) {
-        // The mock borrows the memory for its life: the test's memory lives as long.
-        let leaked: &'static GuestMemoryMmap = Box::leak(Box::new((*mem).clone()));
         let rings: Vec<_> = RING_AT
             .iter()
-            .map(|&at| MockSplitQueue::create(leaked, GuestAddress(at), QUEUE_SIZE))
+            .map(|&at| DriverQueue::new(mem.clone(), at, QUEUE_SIZE))
             .collect();
         let mut queues = Vec::new();
         let mut kicks = Vec::new();
         for r in &rings {
-            let mut q: Queue = r.create_queue().unwrap();
+            let mut q = r.queue();
             // As the transport does when the driver accepted it.
             q.set_event_idx(true);
             let kick = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -142,7 +137,6 @@ impl Driver {
             mem,
             rings,
             interrupt,
-            next_desc: [0, 0],
         };
         (driver, ctx, kicks)
     }
@@ -159,38 +153,18 @@ impl Driver {
         self.mem
             .write_slice(&[0xaa; 64], GuestAddress(base + 0x800))
             .unwrap();
-        let first = self.next_desc[q];
-        let chain = [
-            RawDescriptor::from(SplitDescriptor::new(
-                base,
-                40,
-                VRING_DESC_F_NEXT as u16,
-                first + 1,
-            )),
-            RawDescriptor::from(SplitDescriptor::new(
-                base + 0x800,
-                64,
-                VRING_DESC_F_WRITE as u16,
-                0,
-            )),
-        ];
-        self.rings[q].add_desc_chains(&chain, first).unwrap();
-        self.next_desc[q] = first + 2;
+        let head = self.rings[q].chain(&[(base, 40, false), (base + 0x800, 64, true)]);
+        self.rings[q].submit(head);
     }
 
     fn used_idx(&self, q: usize) -> u16 {
-        self.rings[q].used().idx().load()
+        self.rings[q].used_idx()
     }
 
     /// The `n`th used entry of queue `q`: (head, len).
     fn used(&self, q: usize, n: u16) -> (u16, u32) {
-        let e = self.rings[q]
-            .used()
-            .ring()
-            .ref_at(usize::from(n))
-            .unwrap()
-            .load();
-        (e.id() as u16, e.len())
+        let (id, len) = self.rings[q].used_elem(n);
+        (id as u16, len)
     }
 
     /// The reply written for the request in `slot` of queue `q`: its 24 bytes.
@@ -208,8 +182,7 @@ impl Driver {
 
     /// The used ring's `avail_event`: the driver kicks again only once it passes it.
     fn avail_event(&self, q: usize) -> u16 {
-        let at = self.rings[q].used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
-        self.mem.read_obj::<u16>(GuestAddress(at)).unwrap()
+        self.rings[q].avail_event()
     }
 
     fn wait_used(&self, q: usize, n: u16) {

@@ -171,24 +171,14 @@ impl SideQueue for CtrlQueue {
 mod tests {
     use super::*;
     use crate::virtio::net::worker::tests::{mem, socket_tap};
+    use crate::virtio::testing::DriverQueue;
     use std::sync::atomic::AtomicBool;
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
-
-    fn d(addr: u64, len: u32, write: bool, next: Option<u16>) -> RawDescriptor {
-        let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-        if next.is_some() {
-            flags |= 1;
-        }
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next.unwrap_or(0)))
-    }
 
     #[test]
     fn pairs_set_enables_and_disables_pairs() {
         let mem = mem();
-        let q = MockSplitQueue::create(mem.as_ref(), GuestAddress(0x1000), 16);
+        let mut q = DriverQueue::new(mem.as_ref(), 0x1000, 16);
         let pairs: Vec<Arc<PairControl>> = (0..3)
             .map(|i| {
                 Arc::new(PairControl {
@@ -202,7 +192,7 @@ mod tests {
         let mut ctrl = CtrlQueue {
             id: "t".into(),
             mem: mem.clone(),
-            queue: q.create_queue().unwrap(),
+            queue: q.queue(),
             evt: EventFd::new(EFD_NONBLOCK).unwrap(),
             interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
             counters: counters.clone(),
@@ -223,19 +213,17 @@ mod tests {
         // 4: an unknown class. 6: no ack byte at all.
         mem.write_slice(&[0x55, 0], GuestAddress(0x10_2000))
             .unwrap();
-        q.add_desc_chains(
-            &[
-                d(0x10_0000, 4, false, Some(1)),
-                d(0x10_0100, 1, true, None),
-                d(0x10_1000, 4, false, Some(3)),
-                d(0x10_1100, 1, true, None),
-                d(0x10_2000, 2, false, Some(5)),
-                d(0x10_2100, 1, true, None),
-                d(0x10_0000, 4, false, None),
-            ],
-            0,
-        )
-        .unwrap();
+        let chains: [&[(u64, u32, bool)]; 4] = [
+            &[(0x10_0000, 4, false), (0x10_0100, 1, true)],
+            &[(0x10_1000, 4, false), (0x10_1100, 1, true)],
+            &[(0x10_2000, 2, false), (0x10_2100, 1, true)],
+            &[(0x10_0000, 4, false)],
+        ];
+        for c in chains {
+            let head = q.chain(c);
+            q.push_avail(head);
+        }
+        q.publish();
         ctrl.process_all();
         let ack = |a: u64| mem.read_obj::<u8>(GuestAddress(a)).unwrap();
         assert_eq!(ack(0x10_0100), VIRTIO_NET_OK as u8);
@@ -248,6 +236,6 @@ mod tests {
         assert_eq!(enabled, vec![true, true, false]);
         assert_eq!(pairs[1].wake.read().unwrap(), 1);
         assert_eq!(counters.ctrl_errors.load(Ordering::Relaxed), 3);
-        assert_eq!(q.used().idx().load(), 4);
+        assert_eq!(q.used_idx(), 4);
     }
 }

@@ -8,15 +8,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::worker::tests::{mem, socket_tap, Peer, SocketTap};
 use super::*;
-use crate::bus::BusDevice;
 use crate::virtio::{status, MmioTransport};
 
 fn cfg(pairs: u16) -> NetDeviceConfig {
@@ -151,56 +147,29 @@ fn bad_configurations_are_refused() {
 // ------------------------------------------------------- through the MMIO transport --
 
 use crate::virtio::mmio::reg;
-
-fn w(t: &mut MmioTransport, off: u64, v: u32) {
-    t.write(off, &v.to_le_bytes());
-}
-
-fn r(t: &mut MmioTransport, off: u64) -> u32 {
-    let mut d = [0u8; 4];
-    t.read(off, &mut d);
-    u32::from_le_bytes(d)
-}
+use crate::virtio::testing::{self, reg_write as w, DriverQueue};
 
 const QSIZE: u16 = 16;
 
-fn queue_addr(i: u64) -> GuestAddress {
-    GuestAddress(0x1000 + i * 0x1000)
+/// `queues` driver queues, 0x1000 apart from 0x1000.
+fn rings(mem: &GuestMemoryMmap, queues: u64) -> Vec<DriverQueue<&GuestMemoryMmap>> {
+    (0..queues)
+        .map(|i| DriverQueue::new(mem, 0x1000 + i * 0x1000, QSIZE))
+        .collect()
 }
 
 /// Brings the device up as Linux's virtio_mmio driver does, accepting `features` (masked by
-/// what the device offers) and setting up `queues` queues.
-fn bring_up(t: &mut MmioTransport, mem: &GuestMemoryMmap, features: u64, queues: u64) -> u64 {
-    w(t, reg::STATUS, status::ACKNOWLEDGE);
-    w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-    w(t, reg::DEVICE_FEATURES_SEL, 0);
-    let lo = u64::from(r(t, reg::DEVICE_FEATURES));
-    w(t, reg::DEVICE_FEATURES_SEL, 1);
-    let hi = u64::from(r(t, reg::DEVICE_FEATURES));
-    let accepted = features & (lo | hi << 32);
-    w(t, reg::DRIVER_FEATURES_SEL, 0);
-    w(t, reg::DRIVER_FEATURES, accepted as u32);
-    w(t, reg::DRIVER_FEATURES_SEL, 1);
-    w(t, reg::DRIVER_FEATURES, (accepted >> 32) as u32);
-    let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-    w(t, reg::STATUS, s);
-    assert_ne!(r(t, reg::STATUS) & status::FEATURES_OK, 0);
-    for i in 0..queues {
-        let q = MockSplitQueue::create(mem, queue_addr(i), QSIZE);
-        w(t, reg::QUEUE_SEL, i as u32);
-        w(t, reg::QUEUE_NUM, u32::from(QSIZE));
-        w(t, reg::QUEUE_DESC_LOW, q.desc_table_addr().0 as u32);
-        w(t, reg::QUEUE_AVAIL_LOW, q.avail_addr().0 as u32);
-        w(t, reg::QUEUE_USED_LOW, q.used_addr().0 as u32);
-        w(t, reg::QUEUE_READY, 1);
-    }
-    w(t, reg::STATUS, s | status::DRIVER_OK);
-    accepted
-}
-
-fn one(addr: u64, len: u32, write: bool) -> RawDescriptor {
-    let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+/// what the device offers) and setting up `queues` queues; returns what it accepted and the
+/// driver's queues.
+fn bring_up<'m>(
+    t: &mut MmioTransport,
+    mem: &'m GuestMemoryMmap,
+    features: u64,
+    queues: u64,
+) -> (u64, Vec<DriverQueue<&'m GuestMemoryMmap>>) {
+    let rings = rings(mem, queues);
+    let acked = testing::bring_up(t, features, &rings.iter().collect::<Vec<_>>());
+    (acked, rings)
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -231,23 +200,20 @@ fn end_to_end_over_the_transport_with_back_pressure() {
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut t = MmioTransport::new(Box::new(net), mem.clone(), irq.try_clone().unwrap()).unwrap();
     let all = u64::MAX;
-    let acked = bring_up(&mut t, &mem, all, 2);
+    let (acked, mut q) = bring_up(&mut t, &mem, all, 2);
     assert_ne!(acked & F_MRG_RXBUF, 0);
     assert_eq!(t.counters().activations, 1);
-    let rxq = MockSplitQueue::create(mem.as_ref(), queue_addr(0), QSIZE);
-    let txq = MockSplitQueue::create(mem.as_ref(), queue_addr(1), QSIZE);
 
     // Guest -> host.
     let out = test_frame(1000);
     mem.write_slice(&out, GuestAddress(0x10_0000)).unwrap();
-    txq.add_desc_chains(&[one(0x10_0000, out.len() as u32, false)], 0)
-        .unwrap();
+    q[1].post_each(&[(0x10_0000, out.len() as u32, false)]);
     w(&mut t, reg::QUEUE_NOTIFY, 1);
     let mut buf = vec![0u8; 70_000];
     let peer = &peers[0];
     wait_for("the transmitted frame", || peer.recv(&mut buf).is_ok());
     assert_eq!(&buf[..out.len()], &out[..]);
-    wait_for("the tx used ring", || txq.used().idx().load() == 1);
+    wait_for("the tx used ring", || q[1].used_idx() == 1);
 
     // Host -> guest while the guest has no receive buffers: the worker must park, not spin.
     let inbound = test_frame(200);
@@ -263,15 +229,13 @@ fn end_to_end_over_the_transport_with_back_pressure() {
     assert_eq!(counters.rx_frames.load(Ordering::Relaxed), 0);
 
     // Buffers arrive (64 KiB worth: the guest took GSO, so a frame may need that much).
-    let mut descs = Vec::new();
-    for i in 0..QSIZE as u64 {
-        descs.push(one(0x20_0000 + i * 0x1_0000, 0x1_0000, true));
-    }
-    rxq.add_desc_chains(&descs, 0).unwrap();
+    let bufs: Vec<_> = (0..u64::from(QSIZE))
+        .map(|i| (0x20_0000 + i * 0x1_0000, 0x1_0000, true))
+        .collect();
+    q[0].post_each(&bufs);
     w(&mut t, reg::QUEUE_NOTIFY, 0);
-    wait_for("three received frames", || rxq.used().idx().load() == 3);
-    let e = rxq.used().ring().ref_at(0).unwrap().load();
-    assert_eq!(e.len() as usize, inbound.len());
+    wait_for("three received frames", || q[0].used_idx() == 3);
+    assert_eq!(q[0].used_elem(0).1 as usize, inbound.len());
     let mut got = vec![0u8; inbound.len()];
     mem.read_slice(&mut got, GuestAddress(0x20_0000)).unwrap();
     assert_eq!(&got[12..], &inbound[12..]);
@@ -280,6 +244,7 @@ fn end_to_end_over_the_transport_with_back_pressure() {
 
     // Reset stops the workers; a later bring-up works again.
     w(&mut t, reg::STATUS, 0);
+    drop(q);
     bring_up(&mut t, &mem, all, 2);
     assert_eq!(t.counters().activations, 2);
 }
@@ -291,7 +256,9 @@ fn activation_checks_the_queue_count() {
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut t = MmioTransport::new(Box::new(net), mem.clone(), irq).unwrap();
     // MQ accepted but only 3 queues set up (needs 5): activation refused, no panic.
-    bring_up(&mut t, &mem, u64::MAX, 3);
+    let three = rings(&mem, 3);
+    let (_, st) = testing::bring_up_status(&mut t, u64::MAX, &three.iter().collect::<Vec<_>>());
+    assert_ne!(st & status::DEVICE_NEEDS_RESET, 0);
     assert_eq!(t.counters().failed_activations, 1);
     assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
     // Without MQ (and the control queue), one pair is all it takes.
@@ -483,16 +450,13 @@ fn real_tap_carries_frames_both_ways() {
     let counters = net.counters();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut t = MmioTransport::new(Box::new(net), mem.clone(), irq).unwrap();
-    bring_up(&mut t, &mem, u64::MAX, 2);
+    let (_, mut q) = bring_up(&mut t, &mem, u64::MAX, 2);
     let sock = packet_socket("pdata0");
-    let rxq = MockSplitQueue::create(mem.as_ref(), queue_addr(0), QSIZE);
-    let txq = MockSplitQueue::create(mem.as_ref(), queue_addr(1), QSIZE);
 
     // Guest -> host.
     let out = test_frame(1400);
     mem.write_slice(&out, GuestAddress(0x10_0000)).unwrap();
-    txq.add_desc_chains(&[one(0x10_0000, out.len() as u32, false)], 0)
-        .unwrap();
+    q[1].post_each(&[(0x10_0000, out.len() as u32, false)]);
     w(&mut t, reg::QUEUE_NOTIFY, 1);
     let mut buf = vec![0u8; 2048];
     // SAFETY: recv into our buffer.
@@ -506,11 +470,10 @@ fn real_tap_carries_frames_both_ways() {
     assert_eq!(&buf[..n as usize], &out[VNET_HDR_LEN..]);
 
     // Host -> guest, with a frame larger than any one guest buffer (mergeable).
-    let mut descs = Vec::new();
-    for i in 0..QSIZE as u64 {
-        descs.push(one(0x20_0000 + i * 0x1000, 0x1000, true));
-    }
-    rxq.add_desc_chains(&descs, 0).unwrap();
+    let bufs: Vec<_> = (0..u64::from(QSIZE))
+        .map(|i| (0x20_0000 + i * 0x1000, 0x1000, true))
+        .collect();
+    q[0].post_each(&bufs);
     w(&mut t, reg::QUEUE_NOTIFY, 0);
     let inbound = &test_frame(1400)[VNET_HDR_LEN..];
     // SAFETY: send from our buffer.
@@ -520,11 +483,10 @@ fn real_tap_carries_frames_both_ways() {
     let want = (inbound.len() + VNET_HDR_LEN) as u32;
     let mut head = None;
     wait_for("the received frame", || {
-        let n = rxq.used().idx().load();
-        head = (0..n)
-            .map(|i| rxq.used().ring().ref_at(usize::from(i)).unwrap().load())
-            .find(|e| e.len() == want)
-            .map(|e| u64::from(e.id()));
+        head = (0..q[0].used_idx())
+            .map(|i| q[0].used_elem(i))
+            .find(|e| e.1 == want)
+            .map(|e| u64::from(e.0));
         head.is_some()
     });
     let addr = 0x20_0000 + head.unwrap() * 0x1000;
@@ -552,13 +514,12 @@ fn real_tap_frames_too_big_for_the_buffers_are_dropped() {
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut t = MmioTransport::new(Box::new(net), mem.clone(), irq).unwrap();
     // No mergeable buffers: each frame must fit one chain.
-    bring_up(&mut t, &mem, !F_MRG_RXBUF, 2);
+    let (_, mut q) = bring_up(&mut t, &mem, !F_MRG_RXBUF, 2);
     let sock = packet_socket("ptrunc0");
-    let rxq = MockSplitQueue::create(mem.as_ref(), queue_addr(0), QSIZE);
-    let descs: Vec<RawDescriptor> = (0..QSIZE as u64)
-        .map(|i| one(0x20_0000 + i * 0x1000, 1024, true))
+    let bufs: Vec<_> = (0..u64::from(QSIZE))
+        .map(|i| (0x20_0000 + i * 0x1000, 1024, true))
         .collect();
-    rxq.add_desc_chains(&descs, 0).unwrap();
+    q[0].post_each(&bufs);
     w(&mut t, reg::QUEUE_NOTIFY, 0);
     let big = &test_frame(1400)[VNET_HDR_LEN..];
     let small = &test_frame(300)[VNET_HDR_LEN..];
@@ -569,22 +530,12 @@ fn real_tap_frames_too_big_for_the_buffers_are_dropped() {
     }
     let want = (small.len() + VNET_HDR_LEN) as u32;
     wait_for("the small frame", || {
-        let n = rxq.used().idx().load();
-        (0..n).any(|i| {
-            rxq.used()
-                .ring()
-                .ref_at(usize::from(i))
-                .unwrap()
-                .load()
-                .len()
-                == want
-        })
+        (0..q[0].used_idx()).any(|i| q[0].used_elem(i).1 == want)
     });
     // A TAP cuts a frame to the buffers given: the device must notice, not deliver it cut.
     assert_eq!(counters.rx_dropped.load(Ordering::Relaxed), 1);
-    let n = rxq.used().idx().load();
-    for i in 0..n {
-        let e = rxq.used().ring().ref_at(usize::from(i)).unwrap().load();
-        assert!(e.len() < 1024, "a frame filled a whole buffer: {}", e.len());
+    for i in 0..q[0].used_idx() {
+        let (_, len) = q[0].used_elem(i);
+        assert!(len < 1024, "a frame filled a whole buffer: {len}");
     }
 }

@@ -1,5 +1,5 @@
 //! The vsock device driven as Linux's virtio_vsock driver drives it: split queues in guest
-//! memory (laid out by `virtio_queue::mock::MockSplitQueue`), rx buffers posted up front,
+//! memory (laid out by the shared test driver, `virtio::testing`), rx buffers posted up front,
 //! packets written into tx chains, notifications through the queue events, answers read
 //! from the used rings. The host side is real Unix sockets.
 
@@ -11,15 +11,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::packet::{Header, Op, HEADER_LEN, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
+use crate::virtio::testing::{DriverQueue, F_NEXT, F_WRITE};
 use crate::virtio::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 
 const QSIZE: u16 = 256;
@@ -34,76 +32,18 @@ const TX_SLOTS: u16 = QSIZE / 2;
 const MEM_SIZE: usize = 0x200_0000;
 const WAIT: Duration = Duration::from_secs(5);
 
-struct Ring {
-    addr: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_seen: u16,
+type Ring = DriverQueue<Arc<GuestMemoryMmap>>;
+
+/// A split queue at `addr` (Linux's `vring_init` layout) and the device's side of it.
+fn ring(mem: &Arc<GuestMemoryMmap>, addr: u64) -> (Ring, Queue) {
+    let r = DriverQueue::new(mem.clone(), addr, QSIZE);
+    let q = r.queue();
+    (r, q)
 }
 
-impl Ring {
-    /// A split queue at `addr`, laid out as Linux's `vring_init` does. (The descriptor table
-    /// and the ring indexes are set up by `MockSplitQueue`, but its used ring starts `len`
-    /// bytes after the avail ring's entries instead of `2 * len`, overlapping the second half
-    /// of a full avail ring: fine for a few requests, not for 256 posted rx buffers.)
-    fn new(mem: &GuestMemoryMmap, addr: u64) -> (Self, Queue) {
-        let vq = MockSplitQueue::create(mem, GuestAddress(addr), QSIZE);
-        let desc = vq.desc_table_addr().0;
-        let avail = vq.avail_addr().0;
-        let used = (avail + 6 + 2 * u64::from(QSIZE)).next_multiple_of(4);
-        // Zeroed rings: flags, indexes and event fields.
-        mem.write_slice(
-            &vec![0u8; (used + 6 + 8 * u64::from(QSIZE) - avail) as usize],
-            GuestAddress(avail),
-        )
-        .unwrap();
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
-        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
-        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
-        q.set_ready(true);
-        (
-            Ring {
-                addr: desc,
-                avail,
-                used,
-                avail_idx: 0,
-                used_seen: 0,
-            },
-            q,
-        )
-    }
-
-    fn desc(&self, mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u32, next: u16) {
-        let d = RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next));
-        mem.write_obj(d, GuestAddress(self.addr + 16 * u64::from(index)))
-            .unwrap();
-    }
-
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-
-    /// The next used element, if the device returned one.
-    fn pop_used(&mut self, mem: &GuestMemoryMmap) -> Option<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        if idx == self.used_seen {
-            return None;
-        }
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let elem = self.used + 4 + 8 * u64::from(self.used_seen % QSIZE);
-        let id: u32 = mem.read_obj(GuestAddress(elem)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(elem + 4)).unwrap();
-        self.used_seen = self.used_seen.wrapping_add(1);
-        Some((id as u16, len))
-    }
+/// The next used element (head, len), if the device returned one.
+fn pop_used(r: &mut Ring) -> Option<(u16, u32)> {
+    r.pop_used().map(|(id, len)| (id as u16, len))
 }
 
 /// The simulated guest: its memory, its driver's rings, and the device.
@@ -160,9 +100,9 @@ impl Guest {
             events: Some(Arc::new(move |e| sink.lock().unwrap().push(e))),
         })
         .unwrap();
-        let (rx, rxq) = Ring::new(&mem, 0x1_0000);
-        let (tx, txq) = Ring::new(&mem, 0x2_0000);
-        let (_, evq) = Ring::new(&mem, 0x3_0000);
+        let (rx, rxq) = ring(&mem, 0x1_0000);
+        let (tx, txq) = ring(&mem, 0x2_0000);
+        let (_, evq) = ring(&mem, 0x3_0000);
         let kicks = [(); 3].map(|_| EventFd::new(EFD_NONBLOCK).unwrap());
         let queues = vec![
             (rxq, kicks[0].try_clone().unwrap()),
@@ -210,9 +150,8 @@ impl Guest {
 
     fn post_rx(&mut self, slot: u16) {
         let addr = RX_AREA + RX_SLOT * u64::from(slot);
-        self.rx
-            .desc(&self.mem, slot, addr, RX_BUF, VRING_DESC_F_WRITE, 0);
-        self.rx.publish(&self.mem, slot);
+        self.rx.set_desc(slot, addr, RX_BUF, F_WRITE, 0);
+        self.rx.submit(slot);
     }
 
     fn kick(&self, q: usize) {
@@ -220,7 +159,7 @@ impl Guest {
     }
 
     fn reclaim_tx(&mut self) {
-        while let Some((head, _)) = self.tx.pop_used(&self.mem) {
+        while let Some((head, _)) = pop_used(&mut self.tx) {
             self.free_tx.push_back(head / 2);
         }
     }
@@ -241,12 +180,11 @@ impl Guest {
         assert!(parts.len() <= 2);
         for (i, (bytes, writable)) in parts.iter().enumerate() {
             self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
-            let mut flags = if *writable { VRING_DESC_F_WRITE } else { 0 };
+            let mut flags = if *writable { F_WRITE } else { 0 };
             if i + 1 < parts.len() {
-                flags |= VRING_DESC_F_NEXT;
+                flags |= F_NEXT;
             }
-            self.tx.desc(
-                &self.mem,
+            self.tx.set_desc(
                 head + i as u16,
                 addr,
                 bytes.len() as u32,
@@ -255,7 +193,7 @@ impl Guest {
             );
             addr += bytes.len() as u64;
         }
-        self.tx.publish(&self.mem, head);
+        self.tx.submit(head);
         self.kick(1);
     }
 
@@ -278,7 +216,7 @@ impl Guest {
     /// Moves whatever the device put in the rx ring into the inbox, reposting the buffers.
     fn poll(&mut self) {
         let mut reposted = false;
-        while let Some((head, len)) = self.rx.pop_used(&self.mem) {
+        while let Some((head, len)) = pop_used(&mut self.rx) {
             assert!(len as usize >= HEADER_LEN, "rx packet of {len} bytes");
             let addr = RX_AREA + RX_SLOT * u64::from(head);
             let mut raw = [0u8; HEADER_LEN];
@@ -1054,10 +992,8 @@ fn corrupt_ring_asks_for_a_reset_and_reset_recovers() {
     let mut g = Guest::new("ring", fast_options());
     let (mut s, _) = establish(&mut g, 1024, 64 * 1024);
     // The avail index jumps past the ring size: the queue itself is garbage.
-    let bogus = g.tx.avail_idx.wrapping_add(QSIZE + 5);
-    g.mem
-        .write_obj(bogus, GuestAddress(g.tx.avail + 2))
-        .unwrap();
+    let bogus = g.tx.avail_idx().wrapping_add(QSIZE + 5);
+    g.tx.set_avail_idx(bogus);
     g.kick(1);
     wait_for("NEEDS_RESET", || g.interrupt.needs_reset());
     // The driver resets the device: connections are gone, the socket stays.
@@ -1066,9 +1002,9 @@ fn corrupt_ring_asks_for_a_reset_and_reset_recovers() {
     // A CONNECT made while the driver is down waits for the next activation.
     let mut s2 = g.host();
     s2.write_all(b"CONNECT 1024\n").unwrap();
-    let (rx, rxq) = Ring::new(&g.mem, 0x1_0000);
-    let (tx, txq) = Ring::new(&g.mem, 0x2_0000);
-    let (_, evq) = Ring::new(&g.mem, 0x3_0000);
+    let (rx, rxq) = ring(&g.mem, 0x1_0000);
+    let (tx, txq) = ring(&g.mem, 0x2_0000);
+    let (_, evq) = ring(&g.mem, 0x3_0000);
     g.rx = rx;
     g.tx = tx;
     g.free_tx = (0..TX_SLOTS).collect();
@@ -1089,8 +1025,8 @@ fn corrupt_ring_asks_for_a_reset_and_reset_recovers() {
 fn tiny_rx_buffers_are_returned_not_fatal() {
     let mut g = Guest::create("tinyrx", fast_options());
     // One buffer smaller than a header first, then normal ones.
-    g.rx.desc(&g.mem, 0, RX_AREA, 16, VRING_DESC_F_WRITE, 0);
-    g.rx.publish(&g.mem, 0);
+    g.rx.set_desc(0, RX_AREA, 16, F_WRITE, 0);
+    g.rx.submit(0);
     for i in 1..QSIZE {
         g.post_rx(i);
     }
@@ -1108,7 +1044,7 @@ fn tiny_rx_buffers_are_returned_not_fatal() {
     // The tiny buffer comes back empty (len 0); the REQUEST lands in the next one.
     let deadline = Instant::now() + WAIT;
     let first = loop {
-        if let Some(u) = g.rx.pop_used(&g.mem) {
+        if let Some(u) = pop_used(&mut g.rx) {
             break u;
         }
         assert!(Instant::now() < deadline);

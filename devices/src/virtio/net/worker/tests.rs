@@ -3,12 +3,9 @@
 use super::*;
 use crate::virtio::net::filter::tests::ipv4_frame;
 use crate::virtio::net::filter::Ipv4Net;
+use crate::virtio::testing::{Buf, DriverQueue};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use vm_memory::Address;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 /// A socketpair standing in for the TAP: SOCK_SEQPACKET keeps frame boundaries and,
@@ -66,9 +63,9 @@ pub(crate) struct Rig {
     pub peer: Peer,
     pub counters: Arc<NetCounters>,
     pub irq: EventFd,
-    // The driver's view of the rings (creating one zeroes the ring, so there is one each).
-    txq: MockSplitQueue<'static, GuestMemoryMmap>,
-    rxq: MockSplitQueue<'static, GuestMemoryMmap>,
+    // The driver's view of the rings.
+    txq: DriverQueue<Arc<GuestMemoryMmap>>,
+    rxq: DriverQueue<Arc<GuestMemoryMmap>>,
 }
 
 pub(crate) fn mem() -> Arc<GuestMemoryMmap> {
@@ -77,18 +74,16 @@ pub(crate) fn mem() -> Arc<GuestMemoryMmap> {
 
 fn rig_with(mergeable: bool, rx_need: usize, deny: Vec<Ipv4Net>, qsize: u16) -> Rig {
     let mem = mem();
-    // The mock queues borrow the memory for the whole test.
-    let leaked: &'static GuestMemoryMmap = Box::leak(Box::new(mem.clone()));
-    let rxq = MockSplitQueue::create(leaked, GuestAddress(RXQ), qsize);
-    let txq = MockSplitQueue::create(leaked, GuestAddress(TXQ), qsize);
+    let rxq = DriverQueue::new(mem.clone(), RXQ, qsize);
+    let txq = DriverQueue::new(mem.clone(), TXQ, qsize);
     let (backend, peer) = socket_tap();
     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
     let counters = Arc::new(NetCounters::default());
     let pair = QueuePair::new(PairSetup {
         id: "test".into(),
         mem: mem.clone(),
-        rx: rxq.create_queue().unwrap(),
-        tx: txq.create_queue().unwrap(),
+        rx: rxq.queue(),
+        tx: txq.queue(),
         backend,
         interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
         counters: counters.clone(),
@@ -123,43 +118,37 @@ fn frame(payload: usize, fill: u8) -> Vec<u8> {
     f
 }
 
-fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
-    let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+fn desc(addr: u64, len: u32, write: bool) -> Buf {
+    (addr, len, write)
 }
 
 impl Rig {
-    fn txq(&self) -> &MockSplitQueue<'static, GuestMemoryMmap> {
+    fn txq(&self) -> &DriverQueue<Arc<GuestMemoryMmap>> {
         &self.txq
     }
-    fn rxq(&self) -> &MockSplitQueue<'static, GuestMemoryMmap> {
+    fn rxq(&self) -> &DriverQueue<Arc<GuestMemoryMmap>> {
         &self.rxq
     }
 
     /// Posts `descs` (chained in order) as one transmit chain at table index `at`.
-    fn post_tx(&self, at: u16, descs: &[RawDescriptor]) {
-        post(self.txq(), at, descs);
+    fn post_tx(&mut self, at: u16, descs: &[Buf]) {
+        post(&mut self.txq, at, descs);
     }
-    fn post_rx(&self, at: u16, descs: &[RawDescriptor]) {
-        post(self.rxq(), at, descs);
+    fn post_rx(&mut self, at: u16, descs: &[Buf]) {
+        post(&mut self.rxq, at, descs);
     }
 
     /// Writes header + frame at `addr` and returns the chain's one descriptor.
-    fn tx_buf(&self, addr: u64, frame: &[u8]) -> RawDescriptor {
+    fn tx_buf(&self, addr: u64, frame: &[u8]) -> Buf {
         let mut b = vnet_hdr().to_vec();
         b.extend_from_slice(frame);
         self.mem.write_slice(&b, GuestAddress(addr)).unwrap();
         desc(addr, b.len() as u32, false)
     }
 
-    fn used(&self, q: &MockSplitQueue<'static, GuestMemoryMmap>) -> Vec<(u32, u32)> {
-        let idx = q.used().idx().load();
-        (0..idx)
-            .map(|i| {
-                let e = q.used().ring().ref_at(i as usize).unwrap().load();
-                (e.id(), e.len())
-            })
-            .collect()
+    /// Every used entry so far: (head, len).
+    fn used(&self, q: &DriverQueue<Arc<GuestMemoryMmap>>) -> Vec<(u32, u32)> {
+        (0..q.used_idx()).map(|i| q.used_elem(i)).collect()
     }
 
     fn recv_all(&self) -> Vec<Vec<u8>> {
@@ -173,27 +162,10 @@ impl Rig {
 }
 
 /// Writes a chain at descriptor index `at` and makes its head available.
-fn post(q: &MockSplitQueue<'_, GuestMemoryMmap>, at: u16, descs: &[RawDescriptor]) {
-    let chained: Vec<RawDescriptor> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let d = SplitDescriptor::from(*d);
-            let last = i + 1 == descs.len();
-            let flags = if last {
-                d.flags() & !1
-            } else {
-                d.flags() | 1 // VRING_DESC_F_NEXT
-            };
-            RawDescriptor::from(SplitDescriptor::new(
-                d.addr().0,
-                d.len(),
-                flags,
-                at + i as u16 + 1,
-            ))
-        })
-        .collect();
-    q.add_desc_chains(&chained, at).unwrap();
+fn post(q: &mut DriverQueue<Arc<GuestMemoryMmap>>, at: u16, descs: &[Buf]) {
+    q.set_next_desc(at);
+    let head = q.chain(descs);
+    q.submit(head);
 }
 
 #[test]
@@ -494,10 +466,7 @@ fn a_failing_host_end_stops_polling_instead_of_spinning() {
 fn a_corrupt_ring_needs_reset_without_panicking() {
     let mut r = rig();
     // avail.idx jumps far beyond the ring size: virtio-queue refuses to iterate.
-    let q = r.txq();
-    r.mem
-        .write_obj(1000u16, q.avail_addr().unchecked_add(2))
-        .unwrap();
+    r.txq.set_avail_idx(1000);
     assert_eq!(r.pair.process_tx(), TxState::Done);
     assert!(r.pair.is_broken());
     assert_eq!(r.pair.process_rx(), RxState::NoBuffers);
