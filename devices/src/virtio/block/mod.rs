@@ -584,6 +584,10 @@ impl Worker {
             return;
         }
         let mem = self.mem.clone();
+        // A worker that will not poll after this pass listens again at once, as one without
+        // polling does (the driver's next notify then comes as early as it can).
+        let may_poll = !self.poll_max.is_zero() && self.skip_polls == 0;
+        self.skip_polls = self.skip_polls.saturating_sub(1);
         loop {
             if self.queue.disable_notification(mem.as_ref()).is_err() {
                 return self.broken_queue();
@@ -608,8 +612,8 @@ impl Worker {
                     }
                 }
             }
-            // A worker that may poll listens again only when it is about to sleep.
-            if !self.poll_max.is_zero() || self.listen() {
+            // One that may poll listens again only when it is about to sleep.
+            if may_poll || self.listen() {
                 break;
             }
         }
@@ -651,7 +655,6 @@ impl Worker {
             return true;
         }
         if self.poll_max.is_zero() || self.engine.held() > 0 || self.skip_polls > 0 {
-            self.skip_polls = self.skip_polls.saturating_sub(1);
             return !self.listen();
         }
         // How long until the next work arrives decides the window (see `adapt_poll`).
