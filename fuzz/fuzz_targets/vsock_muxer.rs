@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use devices::virtio::testing::DriverQueue;
 use devices::virtio::vsock::fuzzing::Harness;
 use devices::virtio::vsock::packet::{Header, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use devices::virtio::vsock::VsockOptions;
 use devices::virtio::Interrupt;
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -43,61 +43,12 @@ const HOST_PORT: u32 = 5000;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-fn queue(base: u64) -> Queue {
-    let mut q = Queue::new(QSIZE).expect("queue");
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(base as u32), Some(0));
-    q.set_avail_ring_address(Some((base + 0x100) as u32), Some(0));
-    q.set_used_ring_address(Some((base + 0x200) as u32), Some(0));
-    q.set_ready(true);
-    q
-}
+/// The guest side of one queue (the devices crate's shared test driver); rings at `base`,
+/// avail at +0x100, used at +0x200.
+type Driver = DriverQueue<Arc<GuestMemoryMmap>>;
 
-fn write_desc(
-    mem: &GuestMemoryMmap,
-    ring: u64,
-    i: u16,
-    addr: u64,
-    len: u32,
-    flags: u16,
-    next: u16,
-) {
-    let at = ring + 16 * u64::from(i % QSIZE);
-    mem.write_obj(addr, GuestAddress(at)).unwrap();
-    mem.write_obj(len, GuestAddress(at + 8)).unwrap();
-    mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
-    mem.write_obj(next, GuestAddress(at + 14)).unwrap();
-}
-
-/// The guest side of one queue: what it has offered and what the device gave back.
-struct Driver {
-    base: u64,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl Driver {
-    fn offer(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = self.base + 0x100 + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.base + 0x102))
-            .unwrap();
-    }
-
-    /// Used entries (head, len) since the last call.
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.base + 0x202)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = self.base + 0x204 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
-            out.push((id as u16, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
+fn driver(mem: &Arc<GuestMemoryMmap>, base: u64) -> Driver {
+    DriverQueue::with_layout(mem.clone(), QSIZE, base, base + 0x100, base + 0x200)
 }
 
 struct Input<'a>(&'a [u8]);
@@ -150,9 +101,12 @@ impl Rig {
             before == after,
             "the device wrote into a buffer the guest gave it to read"
         );
-        self.tx.take_used(&self.mem);
-        for (head, len) in self.rx.take_used(&self.mem) {
-            assert!(head < QSIZE, "used head {head} was never offered");
+        self.tx.take_used();
+        for (head, len) in self.rx.take_used() {
+            let head = u16::try_from(head)
+                .ok()
+                .filter(|&h| h < QSIZE)
+                .unwrap_or_else(|| panic!("used head {head} was never offered"));
             assert!(len <= RX_LEN, "{len} bytes used of a {RX_LEN}-byte buffer");
             assert!(len as usize >= HEADER_LEN, "a {len}-byte packet");
             let mut b = [0u8; HEADER_LEN];
@@ -166,7 +120,7 @@ impl Rig {
             assert_eq!(h.len as usize + HEADER_LEN, len as usize, "{h:?}");
             self.last = Some(h);
             // The guest takes the packet and offers the buffer again.
-            self.rx.offer(&self.mem, head);
+            self.rx.submit(head);
         }
         // Host clients read whatever came (the device must not stall on them).
         let mut buf = [0u8; 8192];
@@ -188,40 +142,32 @@ impl Rig {
             .unwrap();
         let head = self.tx_next % QSIZE;
         let second = (head + 1) % QSIZE;
-        let ring = RINGS[1];
+        let tx = &self.tx;
         let hlen = hdr.len() as u32;
         match layout % 4 {
             // Header and payload in one buffer.
             0 => {
                 mem.write_slice(payload, GuestAddress(base + u64::from(hlen)))
                     .unwrap();
-                write_desc(mem, ring, head, base, hlen + payload.len() as u32, 0, 0);
+                tx.set_desc(head, base, hlen + payload.len() as u32, 0, 0);
             }
             // Two descriptors, as Linux does.
             1 => {
-                write_desc(mem, ring, head, base, hlen, 1, second);
-                write_desc(mem, ring, second, base + 0x100, payload.len() as u32, 0, 0);
+                tx.set_desc(head, base, hlen, 1, second);
+                tx.set_desc(second, base + 0x100, payload.len() as u32, 0, 0);
             }
             // A loop.
             2 => {
-                write_desc(mem, ring, head, base, hlen, 1, second);
-                write_desc(
-                    mem,
-                    ring,
-                    second,
-                    base + 0x100,
-                    payload.len() as u32,
-                    1,
-                    head,
-                );
+                tx.set_desc(head, base, hlen, 1, second);
+                tx.set_desc(second, base + 0x100, payload.len() as u32, 1, head);
             }
             // Device-writable, or pointing past the end of memory.
             _ => {
-                write_desc(mem, ring, head, base, hlen, 2, 0);
-                write_desc(mem, ring, second, MEM as u64 - 8, 64, 0, 0);
+                tx.set_desc(head, base, hlen, 2, 0);
+                tx.set_desc(second, MEM as u64 - 8, 64, 0, 0);
             }
         }
-        self.tx.offer(mem, head);
+        self.tx.submit(head);
         self.tx_next = self.tx_next.wrapping_add(2);
     }
 
@@ -274,11 +220,12 @@ fuzz_target!(|data: &[u8]| {
     let listener = UnixListener::bind(&port_socket).unwrap();
     listener.set_nonblocking(true).unwrap();
     let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let [rx, tx, evq] = RINGS.map(|base| driver(&mem, base));
     let harness = Harness::new(
         CID,
         &socket,
         mem.clone(),
-        RINGS.map(queue),
+        [rx.queue(), tx.queue(), evq.queue()],
         interrupt,
         options(data),
     )
@@ -286,16 +233,8 @@ fuzz_target!(|data: &[u8]| {
     let mut rig = Rig {
         mem,
         harness,
-        rx: Driver {
-            base: RINGS[0],
-            avail_idx: 0,
-            used_seen: 0,
-        },
-        tx: Driver {
-            base: RINGS[1],
-            avail_idx: 0,
-            used_seen: 0,
-        },
+        rx,
+        tx,
         tx_next: 0,
         socket: socket.clone(),
         host: Vec::new(),
@@ -304,8 +243,8 @@ fuzz_target!(|data: &[u8]| {
     };
     for i in 0..QSIZE {
         let addr = RX_BUFS + u64::from(i) * 0x2000;
-        write_desc(&rig.mem, RINGS[0], i, addr, RX_LEN, 2, 0);
-        rig.rx.offer(&rig.mem, i);
+        rig.rx.set_desc(i, addr, RX_LEN, 2, 0);
+        rig.rx.submit(i);
     }
     rig.turn();
 
