@@ -109,6 +109,7 @@ pub trait Engine: Send {
         false
     }
     /// Requests the kernel holds: submitted and not finished (queued ones do not count).
+    /// Collects the finished ones first, so they are then `ready`.
     fn held(&mut self) -> usize {
         0
     }
@@ -394,11 +395,12 @@ impl Engine for UringEngine {
     }
 
     fn kick(&mut self) {
-        self.push_pending();
-        if !self.defer_submit {
+        if self.defer_submit {
+            self.push_pending();
+        } else {
             // EBUSY/EAGAIN leave the entries queued; the next kick (after a completion or a
-            // notification) submits them again.
-            let _ = self.ring.submit();
+            // notification) submits them again. Any other error shows at the next wait.
+            let _ = self.flush();
         }
     }
 
@@ -448,8 +450,15 @@ impl Engine for UringEngine {
         }
         match self.ring.submit() {
             Ok(_) => Ok(()),
-            // Left queued: the next wait submits them.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            // Left queued: the next kick or wait submits them.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }

@@ -316,7 +316,9 @@ impl Worker {
         if self.engine.ready() {
             return true;
         }
-        if self.poll_max.is_zero() || self.engine.held() > 0 || self.skip_polls > 0 {
+        // (Without polling, or while it is skipped, `process_queue` listened already and this
+        // is not called.)
+        if self.engine.held() > 0 {
             return !self.listen();
         }
         // How long until the next work arrives decides the window (see `adapt_poll`).
